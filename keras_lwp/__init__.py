@@ -1,0 +1,27 @@
+"""keras_lwp: layer-wise parallelism for Keras 3 on TensorFlow DTensor.
+
+Every layer gets its own parallelization configuration (which mesh axis splits its sample, channel,
+height, width or length dimension), chosen by an exact search over a cost model (Jia et al.,
+"Exploring Hidden Dimensions in Parallelizing Convolutional Neural Networks", ICML 2018).
+
+```python
+import keras_lwp
+keras_lwp.use_virtual_devices(8)
+mesh = keras_lwp.make_mesh({"x": 4, "y": 2})
+plan = keras_lwp.search(model, mesh, batch_size=64)
+print(plan.summary())
+```
+"""
+
+from keras_lwp import layers, layout_search
+from keras_lwp.config import Config
+from keras_lwp.mesh import MeshSpec, make_mesh, use_virtual_devices
+from keras_lwp.planner import search
+from keras_lwp.strategy import Strategy, StrategyCost
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "MeshSpec", "Strategy", "StrategyCost", "layers", "layout_search", "make_mesh", "search",
+    "use_virtual_devices",
+]

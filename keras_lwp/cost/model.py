@@ -1,0 +1,135 @@
+"""The cost model: seconds per training step of a layer under a configuration, and of an edge.
+
+    t_o(G, S) = sum_l (t_c(l, c_l) + t_s(l, c_l)) + sum_e t_x(e, c_u, c_v)
+
+- `CostModel.layer_cost` gives t_c (forward + backward compute), t_s (gradient all-reduce over the
+  mesh axes that split the work but not the weight, plus the optimizer update of the local shard)
+  and the communication the configuration itself implies (partial-sum all-reduces of the output or
+  the input gradient, halo exchange, normalization statistics), counted with transfer.
+- `CostModel.transfer_cost` gives t_x: the relayout of an activation forward and of its gradient
+  backward, from the bytes that move (keras_lwp.cost.comm).
+
+`AnalyticCostModel` derives all of it from FLOPs and bytes against a DeviceProfile. A profiled
+model (issue 5) implements the same two methods.
+"""
+
+import math
+from dataclasses import dataclass
+
+from keras_lwp.cost.comm import allreduce_time, relayout_time
+from keras_lwp.cost.devices import get_profile
+from keras_lwp.layers.base import Placement
+
+# Optimizer state per weight, in copies of the weight: gradient + two Adam slots.
+OPTIMIZER_COPIES = 3
+# Bytes an optimizer update reads and writes per weight byte (weight, gradient, two slots, in and out).
+UPDATE_TRAFFIC = 7
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Seconds per training step of one layer under one configuration, and its memory on one device."""
+
+    compute: float
+    sync: float
+    transfer: float
+    memory: float
+
+    @property
+    def total(self):
+        return self.compute + self.sync + self.transfer
+
+
+def _is_float(dtype):
+    return "float" in str(dtype)
+
+
+class CostModel:
+    """Interface of every cost model (analytic, profiled)."""
+
+    def layer_cost(self, info, rule, dims, config):
+        """LayerCost of one layer (LayerInfo, its rule and DimSpecs) under a Config."""
+        raise NotImplementedError
+
+    def transfer_cost(self, tensor, src_layout, dst_layout):
+        """Seconds to relayout a TensorInfo forward, and its gradient backward."""
+        raise NotImplementedError
+
+
+class AnalyticCostModel(CostModel):
+    """t_c from FLOPs and bytes on a roofline, communication from bytes over the links of the mesh."""
+
+    def __init__(self, mesh, profile=None):
+        self.mesh = mesh
+        self.profile = get_profile(profile, mesh)
+        self._slowdown = self.profile.compute_slowdown(mesh)
+
+    def __repr__(self):
+        return f"AnalyticCostModel({self.mesh}, profile={self.profile.name!r})"
+
+    def _roofline(self, flops, nbytes):
+        p = self.profile
+        return max(flops / p.effective_flops, nbytes / p.memory_bandwidth) * self._slowdown
+
+    def layer_cost(self, info, rule, dims, config):
+        place = Placement(info, dims, config, self.mesh)
+        shards = place.shards()
+        has_weights = any(w.trainable for w in info.weights)
+        compute = transfer = 0.0
+        activation_bytes = 0.0
+        for call in info.calls:
+            flops = rule.forward_flops(info, call) / shards
+            # Backward: input gradient (+ weight gradient when the layer has weights).
+            flops *= 3.0 if has_weights else 2.0
+            io_bytes = sum(t.nbytes for t in call.inputs + call.outputs) / shards
+            compute += self._roofline(flops, 3.0 * io_bytes)
+            out = call.outputs[0]
+            out_shard = out.nbytes / self._split_of(place.output_layout(out))
+            activation_bytes += sum(t.nbytes / self._split_of(place.output_layout(t)) for t in call.outputs)
+            transfer += allreduce_time(out_shard, place.output_partial_axes(), self.mesh, self.profile)
+            for index, tensor in enumerate(call.inputs):
+                if _is_float(tensor.dtype):
+                    shard = tensor.nbytes / self._split_of(place.input_layout(index, tensor))
+                    transfer += allreduce_time(shard, place.input_grad_partial_axes(index), self.mesh, self.profile)
+            transfer += self._halo_time(place, call)
+            transfer += self._stats_time(place, info)
+        weight_bytes = sync = 0.0
+        for index, weight in enumerate(info.weights):
+            shard = weight.nbytes / self._split_of(place.weight_layout(index))
+            weight_bytes += shard * (1 + OPTIMIZER_COPIES if weight.trainable else 1)
+            if weight.trainable:
+                sync += allreduce_time(shard, place.weight_grad_partial_axes(index), self.mesh, self.profile)
+                sync += self._roofline(0.0, UPDATE_TRAFFIC * shard)
+        return LayerCost(compute, sync, transfer, weight_bytes + activation_bytes)
+
+    def _split_of(self, layout):
+        return math.prod(self.mesh.axis_size(a) for a in layout if a is not None)
+
+    def _halo_time(self, place, call):
+        """Exchange of `halo` rows with both neighbours, forward (input) and backward (its gradient)."""
+        total = 0.0
+        for dim, axis in place.halo_splits():
+            x = call.inputs[0]
+            layout = place.input_layout(0, x)
+            position = layout.index(axis) if axis in layout else None
+            if position is None:
+                continue
+            row_bytes = x.nbytes / x.shape[position] / (self._split_of(layout) / self.mesh.axis_size(axis))
+            halo_bytes = 2 * dim.halo * row_bytes
+            link = self.profile.link_for_axes(self.mesh, (axis,))
+            total += 2 * (halo_bytes / link.bandwidth + 2 * link.latency)
+        return total
+
+    def _stats_time(self, place, info):
+        """BatchNormalization: all-reduce mean and variance (forward) and their gradients (backward)."""
+        axes = place.stats_axes()
+        if not axes:
+            return 0.0
+        channels = info.output.shape[-1] / self._split_of(tuple(a for d, a in place.config.items() if d == "channel"))
+        return 2 * allreduce_time(2 * 4 * channels, axes, self.mesh, self.profile)
+
+    def transfer_cost(self, tensor, src_layout, dst_layout):
+        seconds = relayout_time(tensor.nbytes, src_layout, dst_layout, self.mesh, self.profile)
+        if _is_float(tensor.dtype):  # the gradient travels back
+            seconds += relayout_time(tensor.nbytes, dst_layout, src_layout, self.mesh, self.profile)
+        return seconds

@@ -1,0 +1,234 @@
+"""Read a Keras 3 functional or Sequential model into a graph of layers.
+
+A node per layer (a layer called at several places is one node with several calls, so its shared
+weights get one layout); an edge per producer/consumer pair carrying the tensors that flow on it.
+Nested functional models are flattened into their layers. What the rest of keras_lwp reads is plain
+data (`LayerInfo`, `LayerCall`, `TensorInfo`), so the cost model and the search never touch Keras.
+"""
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape (batch dim resolved to the planned batch size) and dtype of one tensor."""
+
+    shape: tuple
+    dtype: str
+
+    @property
+    def itemsize(self):
+        return dtype_size(self.dtype)
+
+    @property
+    def nbytes(self):
+        count = 1
+        for s in self.shape:
+            count *= s
+        return count * self.itemsize
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One place the layer is called: its input and output tensors."""
+
+    inputs: tuple
+    outputs: tuple
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    name: str
+    shape: tuple
+    dtype: str
+    trainable: bool
+
+    @property
+    def nbytes(self):
+        count = 1
+        for s in self.shape:
+            count *= s
+        return count * dtype_size(self.dtype)
+
+
+@dataclass
+class LayerInfo:
+    """What the planner knows of a layer: class, Keras config, weights and every call."""
+
+    name: str
+    class_name: str
+    config: dict
+    weights: tuple
+    calls: list = field(default_factory=list)
+    layer: object = field(default=None, repr=False, compare=False)  # the Keras layer, for the rewrap
+
+    @property
+    def output(self):
+        """The first output of the first call (what a configuration's dimensions refer to)."""
+        return self.calls[0].outputs[0]
+
+    @property
+    def inputs(self):
+        return self.calls[0].inputs
+
+
+_DTYPE_SIZES = {
+    "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
+}
+
+
+def dtype_size(dtype):
+    return _DTYPE_SIZES.get(str(dtype), 4)
+
+
+def layer_graph(model, batch_size):
+    """The layer graph of a Keras functional or Sequential model.
+
+    Returns a `networkx.DiGraph` whose nodes are layer names in topological order with attribute
+    `info` (a LayerInfo), and whose edges u->v have attribute `tensors`: a list of
+    (producer output index, consumer call index, consumer input index, TensorInfo).
+    The graph attribute `inputs` / `outputs` list the model's input layers and output (layer, index) pairs.
+    """
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Expected a keras.Model. Received: {model!r} of type {type(model).__name__}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
+    functional = _functional_of(model)
+    graph = nx.DiGraph(inputs=[], outputs=[])
+    reader = _Reader(graph, batch_size)
+    sources = {}
+    for tensor in functional.inputs:
+        name = reader.add_input(tensor)
+        sources[id(tensor)] = (name, 0)
+        graph.graph["inputs"].append(name)
+    reader.trace(functional, sources)
+    graph.graph["outputs"] = [sources[id(t)] for t in functional.outputs]
+    if not any(graph.nodes[n]["info"].class_name != "InputLayer" for n in graph):
+        raise ValueError(
+            f"The model '{model.name}' has no layers besides its inputs: there is nothing to parallelize."
+        )
+    return graph
+
+
+def _functional_of(model):
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        if not model.built or getattr(model, "_functional", None) is None:
+            raise ValueError(
+                f"The Sequential model '{model.name}' is not built, so its layers have no shapes. "
+                "Give it an input shape (keras.Input(shape=...) as its first layer) or call model.build(...)."
+            )
+        return model._functional
+    if not hasattr(model, "_nodes_by_depth") or not hasattr(model, "_operations"):
+        raise TypeError(
+            f"keras_lwp reads the layer graph of functional and Sequential models; the model "
+            f"'{model.name}' is a subclass ({type(model).__name__}) whose call() it cannot see. "
+            "Rebuild it as a functional model (keras.Model(inputs, outputs)) from the same layers, "
+            "or wrap its body in one."
+        )
+    return model
+
+
+class _Reader:
+    def __init__(self, graph, batch_size):
+        self.graph = graph
+        self.batch_size = batch_size
+        self.layer_names = {}  # id(layer) -> node name
+
+    def tensor_info(self, tensor):
+        shape = tuple(tensor.shape)
+        if shape and shape[0] is None:
+            shape = (self.batch_size,) + shape[1:]
+        if any(s is None for s in shape):
+            raise ValueError(
+                f"keras_lwp needs static shapes to plan; the tensor '{tensor.name}' has shape {tuple(tensor.shape)}. "
+                "Give the model's inputs fixed shapes other than the batch dimension."
+            )
+        return TensorInfo(tuple(int(s) for s in shape), str(tensor.dtype))
+
+    def node_name(self, layer):
+        key = id(layer)
+        if key not in self.layer_names:
+            name = layer.name
+            taken = {n for n in self.graph.nodes}
+            suffix = 1
+            while name in taken:  # two nested models may hold layers with the same name
+                suffix += 1
+                name = f"{layer.name}_{suffix}"
+            self.layer_names[key] = name
+        return self.layer_names[key]
+
+    def add_layer(self, layer):
+        name = self.node_name(layer)
+        if name not in self.graph:
+            weights = tuple(
+                WeightInfo(w.path, tuple(int(s) for s in w.shape), str(w.dtype), bool(w.trainable))
+                for w in layer.weights
+            )
+            try:
+                config = layer.get_config()
+            except NotImplementedError:
+                config = {}
+            self.graph.add_node(
+                name, info=LayerInfo(name, type(layer).__name__, config, weights, [], layer)
+            )
+        return name
+
+    def add_input(self, tensor):
+        layer = tensor._keras_history.operation
+        name = self.add_layer(layer)
+        info = self.graph.nodes[name]["info"]
+        t = self.tensor_info(tensor)
+        info.calls.append(LayerCall((), (t,)))
+        return name
+
+    def trace(self, functional, sources):
+        """Walk `functional`'s nodes in topological order; `sources` maps id(KerasTensor) to the
+        (flat node name, output index) that produces it, and is extended as we go."""
+        import keras
+
+        for depth in sorted(functional._nodes_by_depth, reverse=True):
+            for node in functional._nodes_by_depth[depth]:
+                op = node.operation
+                if type(op).__name__ == "InputLayer":
+                    continue
+                inputs = list(node.input_tensors)
+                missing = [t for t in inputs if id(t) not in sources]
+                if missing:
+                    raise ValueError(f"Layer '{op.name}' reads a tensor that is not produced inside the model.")
+                if isinstance(op, keras.Model):
+                    inner = _functional_of(op)
+                    inner_sources = {id(i): sources[id(o)] for i, o in zip(inner.inputs, inputs)}
+                    self.trace(inner, inner_sources)
+                    for outer, produced in zip(node.output_tensors, inner.outputs):
+                        sources[id(outer)] = inner_sources[id(produced)]
+                    continue
+                if not isinstance(op, keras.layers.Layer):
+                    raise TypeError(
+                        f"The model calls '{op.name}', a {type(op).__name__}, which is not a keras Layer. "
+                        "keras_lwp plans layers; wrap the operation in a layer (e.g. keras.layers.Lambda)."
+                    )
+                name = self.add_layer(op)
+                info = self.graph.nodes[name]["info"]
+                call_index = len(info.calls)
+                info.calls.append(
+                    LayerCall(
+                        tuple(self.tensor_info(t) for t in inputs),
+                        tuple(self.tensor_info(t) for t in node.output_tensors),
+                    )
+                )
+                for input_index, tensor in enumerate(inputs):
+                    producer, out_index = sources[id(tensor)]
+                    if not self.graph.has_edge(producer, name):
+                        self.graph.add_edge(producer, name, tensors=[])
+                    self.graph.edges[producer, name]["tensors"].append(
+                        (out_index, call_index, input_index, self.tensor_info(tensor))
+                    )
+                for out_index, tensor in enumerate(node.output_tensors):
+                    sources[id(tensor)] = (name, out_index)

@@ -1,0 +1,19 @@
+"""Per-layer-type parallelization rules, registered in one place (see `base` and `builtin`)."""
+
+from keras_lwp.layers import builtin  # noqa: F401  (registers the built-in rules)
+from keras_lwp.layers.base import (
+    DimSpec,
+    LayerRule,
+    Placement,
+    UnknownLayerWarning,
+    check_dims,
+    configurations,
+    has_rule,
+    register_rule,
+    rule_for,
+)
+
+__all__ = [
+    "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations",
+    "has_rule", "register_rule", "rule_for",
+]

@@ -1,0 +1,223 @@
+"""Layer rules: what a layer can split, and the layouts that follow from a configuration.
+
+A rule describes a layer kind by its parallelizable dimensions, each tied to the tensor axes it
+splits, the way an einsum index ties operands together:
+
+    Dense  y[n, c] = sum_r x[n, r] * kernel[r, c]
+           sample:    y axis 0, x axis 0,    kernel -         (kernel gradient is a partial sum: sync)
+           channel:   y axis 1, x -,         kernel axis 1    (x gradient is a partial sum)
+           reduction: y -,       x axis 1,   kernel axis 0    (y is a partial sum: all-reduce)
+
+From that one table everything follows mechanically (`Placement`): the DTensor layout of the output,
+of each input and of each weight under a configuration, and which tensors come out as partial sums
+over which mesh axes (a tensor that lacks a split dimension's index is summed over it). Rules are
+registered per Keras class name with `register_rule`; a layer with no rule is planned replicated
+and named in one warning. Pure Python: no TensorFlow here.
+"""
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+
+from keras_lwp.config import REPLICATED, Config
+
+
+@dataclass(frozen=True)
+class DimSpec:
+    """One parallelizable dimension of a layer.
+
+    Args:
+        name: "sample", "channel", "height", ... (see keras_lwp.config.DIMENSION_ORDER).
+        size: its extent; a mesh axis splits it only when the size divides evenly.
+        output: the output tensor axis it splits, or None when the output is a partial sum over it.
+        inputs: per input, the tensor axis it splits, or None when the layer needs that input whole
+            along it (then the input's gradient is a partial sum over it).
+        weights: per weight, the weight axis it splits, or None (the weight's gradient is then a
+            partial sum over it: gradient synchronization).
+        halo: elements of neighbouring data a split needs at each block edge (convolution windows).
+        stats: the layer reduces statistics over this dimension (BatchNormalization).
+    """
+
+    name: str
+    size: int
+    output: object
+    inputs: tuple
+    weights: tuple
+    halo: int = 0
+    stats: bool = False
+
+
+class LayerRule:
+    """How one kind of layer parallelizes. Subclass and register with `register_rule`.
+
+    `dimensions(info)` lists the DimSpecs; `forward_flops(info, call)` the work of one call.
+    """
+
+    # Convolutions and pooling that DTensor does not shard by itself on CPU/GPU meshes set this;
+    # issue-4 implementations register here.
+    def dimensions(self, info):
+        raise NotImplementedError
+
+    def forward_flops(self, info, call):
+        return float(sum(_numel(t.shape) for t in call.outputs))
+
+
+_RULES = {}
+_WARNED = set()
+
+
+def register_rule(*class_names):
+    """Class decorator: `@register_rule("Dense")` makes the rule plan every layer of that Keras class."""
+
+    def decorate(rule_class):
+        for class_name in class_names:
+            _RULES[class_name] = rule_class()
+        return rule_class
+
+    return decorate
+
+
+class ReplicatedRule(LayerRule):
+    """The fallback: a layer with no rule runs whole on every device."""
+
+    def dimensions(self, info):
+        return []
+
+
+_REPLICATED_RULE = ReplicatedRule()
+
+
+class UnknownLayerWarning(UserWarning):
+    pass
+
+
+def rule_for(info, strict=False):
+    """The rule for a layer; unknown classes fall back to replicated, warned once per class."""
+    rule = _RULES.get(info.class_name)
+    if rule is not None:
+        return rule
+    message = (
+        f"keras_lwp has no parallelization rule for layers of class {info.class_name} "
+        f"(layer '{info.name}'), so it runs replicated on every device. To shard it, register a rule: "
+        f"@keras_lwp.layers.register_rule('{info.class_name}') on a keras_lwp.layers.LayerRule subclass."
+    )
+    if strict:
+        raise ValueError(message.replace("so it runs replicated on every device", "and strict=True was given"))
+    if info.class_name not in _WARNED:
+        _WARNED.add(info.class_name)
+        warnings.warn(message, UnknownLayerWarning, stacklevel=3)
+    return _REPLICATED_RULE
+
+
+def has_rule(class_name):
+    return class_name in _RULES
+
+
+def _numel(shape):
+    return math.prod(shape)
+
+
+class Placement:
+    """A layer under one configuration: layouts of its tensors and what it must communicate.
+
+    Layouts are tuples with one entry per tensor axis: the mesh axis splitting it, or None.
+    """
+
+    def __init__(self, info, dims, config, mesh):
+        self.info = info
+        self.config = config
+        self.mesh = mesh
+        by_name = {d.name: d for d in dims}
+        self.split = [(by_name[dim], axis) for dim, axis in config.items()]
+
+    def _layout(self, rank, axis_of):
+        layout = [None] * rank
+        for dim, mesh_axis in self.split:
+            position = axis_of(dim)
+            if position is not None:
+                layout[position] = mesh_axis
+        return tuple(layout)
+
+    def output_layout(self, tensor):
+        return self._layout(len(tensor.shape), lambda d: None if d.output is None else d.output % len(tensor.shape))
+
+    def input_layout(self, index, tensor):
+        def axis_of(d):
+            if index >= len(d.inputs) or d.inputs[index] is None:
+                return None
+            return d.inputs[index] % len(tensor.shape)
+
+        return self._layout(len(tensor.shape), axis_of)
+
+    def weight_layout(self, index):
+        shape = self.info.weights[index].shape
+
+        def axis_of(d):
+            if index >= len(d.weights) or d.weights[index] is None:
+                return None
+            return d.weights[index] % len(shape)
+
+        return self._layout(len(shape), axis_of)
+
+    def shards(self):
+        """How many pieces the layer's work is cut into (the product of the used axes' sizes)."""
+        return math.prod(self.mesh.axis_size(axis) for _, axis in self.split)
+
+    def output_partial_axes(self):
+        """Mesh axes over which the output is a partial sum (all-reduced in the forward pass)."""
+        return tuple(axis for d, axis in self.split if d.output is None)
+
+    def input_grad_partial_axes(self, index):
+        """Mesh axes over which the gradient of input `index` is a partial sum (all-reduced backward)."""
+        return tuple(axis for d, axis in self.split if index >= len(d.inputs) or d.inputs[index] is None)
+
+    def weight_grad_partial_axes(self, index):
+        """Mesh axes over which weight `index`'s gradient is a partial sum: gradient synchronization."""
+        return tuple(axis for d, axis in self.split if index >= len(d.weights) or d.weights[index] is None)
+
+    def halo_splits(self):
+        return [(d, axis) for d, axis in self.split if d.halo > 0]
+
+    def stats_axes(self):
+        return tuple(axis for d, axis in self.split if d.stats)
+
+
+def check_dims(info, dims, config, mesh):
+    """Why `config` is not valid for this layer on `mesh`, or None when it is."""
+    by_name = {d.name: d for d in dims}
+    for dim, axis in config.items():
+        if dim not in by_name:
+            known = ", ".join(by_name) or "none: the layer runs replicated"
+            return (
+                f"layer '{info.name}' ({info.class_name}) has no dimension '{dim}'; "
+                f"its parallelizable dimensions are: {known}"
+            )
+        if axis not in mesh.shape:
+            return f"layer '{info.name}': mesh axis '{axis}' is not in {mesh} (axes: {', '.join(mesh.axis_names)})"
+        size, parts = by_name[dim].size, mesh.axis_size(axis)
+        if size % parts:
+            return (
+                f"layer '{info.name}' ({info.class_name}): dimension '{dim}' of size {size} cannot be split "
+                f"on mesh axis '{axis}' of size {parts}, since {parts} does not evenly divide {size}"
+            )
+    return None
+
+
+def configurations(info, dims, mesh):
+    """Every valid configuration of a layer on a mesh, replicated first, in a fixed order.
+
+    Each mesh axis goes to at most one dimension and each dimension gets at most one axis
+    (a DTensor layout maps a tensor axis to one mesh axis); the dimension's size must divide.
+    """
+    choices = []
+    for axis, parts in mesh.axes:
+        choices.append([None] + [d.name for d in dims if d.size % parts == 0])
+    found = []
+    for assignment in itertools.product(*choices):
+        used = [d for d in assignment if d is not None]
+        if len(set(used)) != len(used):
+            continue
+        found.append(Config({d: axis for d, (axis, _) in zip(assignment, mesh.axes) if d is not None}))
+    found.sort(key=lambda c: (len(c), tuple((mesh.axis_names.index(a), d) for d, a in c.items())))
+    return found or [REPLICATED]

@@ -1,0 +1,252 @@
+"""From a Keras model and a mesh to a Strategy: cost tables, search, baselines.
+
+`search(model, mesh, batch_size)` reads the layer graph, builds for every layer the table
+{configuration: t_c + t_s + own communication} and for every edge the table
+{(producer config, consumer config): t_x}, hands them to `layout_search.optimal_assignment`, and
+returns the plan as a Strategy. The baselines ("data", "model", "owt") are Strategies over the same
+graph, costed by the same tables, so all of them compare side by side.
+
+A DTensor layout splits a tensor dimension along one mesh axis, so data parallelism over all the
+devices of a 4x2 mesh needs the same devices seen as one axis of 8. The baselines use that
+flattened mesh, and "auto" searches both the given mesh and the flattened one and keeps the faster
+plan: it is never predicted slower than a baseline.
+"""
+
+import fnmatch
+import time
+
+import networkx as nx
+import numpy as np
+
+from keras_lwp import layout_search
+from keras_lwp.config import REPLICATED, Config
+from keras_lwp.cost.model import AnalyticCostModel, CostModel
+from keras_lwp.graph import layer_graph
+from keras_lwp.layers import Placement, check_dims, configurations, rule_for
+from keras_lwp.mesh import mesh_spec_of
+from keras_lwp.strategy import LayerReport, Strategy, StrategyCost
+
+BASELINES = ("data", "model", "owt")
+
+
+def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profile=None,
+           cost_model=None, strict=False):
+    """Plan a parallelization of `model` over `mesh` without touching the model.
+
+    Args:
+        model: a Keras functional or Sequential model (built).
+        mesh: a dtensor.Mesh, a keras.distribution.DeviceMesh, or a dict {axis: size} for a mesh
+            this machine need not have.
+        batch_size: the global batch size; default: the model's static batch size, else 32 per device
+            (the paper's setting).
+        strategy: "auto" (the optimal plan), a baseline ("data", "model", "owt"), or a Strategy to cost.
+        overrides: {layer name or fnmatch pattern: {dimension: mesh axis}} pinning layers; "auto"
+            optimizes the rest around them.
+        profile: a device profile name (keras_lwp.cost.PROFILES) or DeviceProfile; default by the
+            mesh's device type.
+        cost_model: a keras_lwp.cost.CostModel (overrides `profile`), built for `mesh`.
+        strict: raise instead of planning a layer with no rule as replicated.
+
+    Returns:
+        A Strategy with its predicted cost (`strategy.cost`) and memory.
+    """
+    spec = mesh_spec_of(mesh)
+    batch_size = _batch_size(model, spec, batch_size)
+    graph = layer_graph(model, batch_size)
+    _check_batch(graph, spec, batch_size)
+    if cost_model is not None and not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a keras_lwp.cost.CostModel. Received: {cost_model!r}")
+
+    def problem_for(mesh_spec):
+        model_for_mesh = cost_model if cost_model is not None and cost_model.mesh == mesh_spec else None
+        return Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile), strict)
+
+    if isinstance(strategy, Strategy):
+        problem = problem_for(strategy.mesh)
+        return problem.evaluate(problem.check_strategy(strategy), strategy.name)
+    if strategy in BASELINES:
+        problem = problem_for(spec.flattened())
+        return problem.evaluate(problem.baseline(strategy), strategy)
+    if strategy != "auto":
+        raise ValueError(
+            f"strategy must be 'auto', one of {', '.join(BASELINES)}, or a keras_lwp.Strategy. "
+            f"Received: {strategy!r}"
+        )
+    candidates = [spec] if overrides or spec.flattened() == spec else [spec, spec.flattened()]
+    best = None
+    for mesh_spec in candidates:
+        problem = problem_for(mesh_spec)
+        plan = problem.evaluate(problem.optimal(overrides or {}), "auto")
+        if best is None or plan.cost.total < best.cost.total:
+            best = plan
+    return best
+
+
+def _batch_size(model, spec, batch_size):
+    if batch_size is not None:
+        return batch_size
+    static = [t.shape[0] for t in getattr(model, "inputs", None) or [] if t.shape and t.shape[0] is not None]
+    return static[0] if static else 32 * spec.size
+
+
+def _check_batch(graph, spec, batch_size):
+    if any(batch_size % size == 0 for _, size in spec.axes + spec.flattened().axes if size > 1):
+        return
+    if spec.size == 1:
+        return
+    first = graph.graph["inputs"][0]
+    axes = " nor ".join(f"'{name}' (size {size})" for name, size in spec.axes + spec.flattened().axes)
+    smallest = min(size for _, size in spec.axes)
+    raise ValueError(
+        f"batch_size={batch_size} cannot be split on any mesh axis: the 'sample' dimension of layer "
+        f"'{first}' (size {batch_size}) is not evenly divided by mesh axis {axes}. Use a batch size that is "
+        f"a multiple of {smallest} (for example {batch_size + (-batch_size) % smallest}), or a mesh whose axis divides it."
+    )
+
+
+class Problem:
+    """The cost tables of one model graph on one mesh, and the search over them."""
+
+    def __init__(self, graph, mesh, cost_model, strict=False):
+        self.graph = graph
+        self.mesh = mesh
+        self.cost_model = cost_model
+        self.nodes = list(nx.topological_sort(graph)) if nx.is_directed_acyclic_graph(graph) else list(graph)
+        self.rules = {}
+        self.dims = {}
+        self.configs = {}
+        for name in self.nodes:
+            info = graph.nodes[name]["info"]
+            self.rules[name] = rule_for(info, strict)
+            self.dims[name] = self.rules[name].dimensions(info)
+            self.configs[name] = configurations(info, self.dims[name], mesh)
+        self._layer_costs = {}
+
+    # -- costs -------------------------------------------------------------------------------
+    def layer_cost(self, name, config):
+        key = (name, config)
+        if key not in self._layer_costs:
+            info = self.graph.nodes[name]["info"]
+            self._layer_costs[key] = self.cost_model.layer_cost(info, self.rules[name], self.dims[name], config)
+        return self._layer_costs[key]
+
+    def _placement(self, name, config):
+        return Placement(self.graph.nodes[name]["info"], self.dims[name], config, self.mesh)
+
+    def edge_table(self, u, v, configs_u, configs_v):
+        """t_x over every pair of configurations, as an array [len(configs_u), len(configs_v)]."""
+        table = np.zeros((len(configs_u), len(configs_v)))
+        for out_index, call_index, in_index, tensor in self.graph.edges[u, v]["tensors"]:
+            info_u = self.graph.nodes[u]["info"]
+            produced = info_u.calls[0].outputs[out_index] if out_index < len(info_u.calls[0].outputs) else tensor
+            src = [self._placement(u, c).output_layout(produced) for c in configs_u]
+            dst = [self._placement(v, c).input_layout(in_index, tensor) for c in configs_v]
+            src_unique = sorted(set(src), key=src.index)
+            dst_unique = sorted(set(dst), key=dst.index)
+            unique = np.array([[self.cost_model.transfer_cost(tensor, s, d) for d in dst_unique] for s in src_unique])
+            table += unique[np.ix_([src_unique.index(s) for s in src], [dst_unique.index(d) for d in dst])]
+        return table
+
+    def cost_graph(self, allowed):
+        """The search's input: node and edge cost tables as layout_search.optimal_assignment takes them."""
+        g = nx.DiGraph()
+        for name in self.nodes:
+            configs = allowed[name]
+            costs = np.array([self.layer_cost(name, c).total for c in configs])
+            if self.graph.has_edge(name, name):  # a shared layer fed its own output: diagonal only
+                costs = costs + np.diag(self.edge_table(name, name, configs, configs))
+            g.add_node(name, costs=dict(zip(configs, costs.tolist())))
+        for u, v in self.graph.edges:
+            if u == v:
+                continue
+            table = self.edge_table(u, v, allowed[u], allowed[v])
+            g.add_edge(u, v, costs={(cu, cv): float(table[i, j]) for i, cu in enumerate(allowed[u])
+                                    for j, cv in enumerate(allowed[v])})
+        return g
+
+    # -- strategies ----------------------------------------------------------------------------
+    def optimal(self, overrides):
+        allowed = dict(self.configs)
+        for name, config in self._resolve_overrides(overrides).items():
+            allowed[name] = [config]
+        started = time.perf_counter()
+        assignment, _ = layout_search.optimal_assignment(self.cost_graph(allowed))
+        self.search_seconds = time.perf_counter() - started
+        return assignment
+
+    def _resolve_overrides(self, overrides):
+        pinned = {}
+        for pattern, assignment in overrides.items():
+            matches = [n for n in self.nodes if fnmatch.fnmatchcase(n, pattern)]
+            if not matches:
+                raise ValueError(
+                    f"The override {pattern!r} matches no layer of the model. Layer names: "
+                    f"{', '.join(self.nodes[:20])}{' ...' if len(self.nodes) > 20 else ''}"
+                )
+            config = Config(assignment)
+            for name in matches:
+                self._check(name, config, "override")
+                pinned[name] = config
+        return pinned
+
+    def _check(self, name, config, source):
+        info = self.graph.nodes[name]["info"]
+        problem = check_dims(info, self.dims[name], config, self.mesh)
+        if problem:
+            raise ValueError(f"Invalid {source} {config}: {problem}. Choose one of: "
+                             f"{', '.join(str(c) for c in self.configs[name][:12])}")
+
+    def check_strategy(self, strategy):
+        unknown = [name for name in strategy if name not in self.graph]
+        if unknown:
+            raise ValueError(
+                f"The strategy names layers the model does not have: {', '.join(unknown)}. "
+                "Search again for this model, or remove those entries."
+            )
+        assignment = {}
+        for name in self.nodes:
+            config = strategy.get(name, REPLICATED)
+            self._check(name, config, f"configuration of layer '{name}' in the strategy")
+            assignment[name] = config
+        return assignment
+
+    def baseline(self, kind):
+        """The paper's baselines on this (one-axis) mesh: data, model (channel) and OWT."""
+        (axis, _), = self.mesh.axes
+        assignment = {}
+        for name in self.nodes:
+            info = self.graph.nodes[name]["info"]
+            wanted = "sample"
+            if kind == "model" or (kind == "owt" and _is_fully_connected(info)):
+                wanted = "heads" if info.class_name == "MultiHeadAttention" else "channel"
+            if kind == "model" and info.class_name == "InputLayer":
+                wanted = None
+            config = Config({wanted: axis}) if wanted else REPLICATED
+            assignment[name] = config if config in self.configs[name] else REPLICATED
+        return assignment
+
+    def evaluate(self, assignment, name):
+        """The Strategy for `assignment`, with per-layer and total predicted costs."""
+        compute = sync = transfer = memory = 0.0
+        layers = {}
+        for node in self.nodes:
+            cost = self.layer_cost(node, assignment[node])
+            incoming = 0.0
+            for u in self.graph.predecessors(node):
+                incoming += float(self.edge_table(u, node, [assignment[u]], [assignment[node]])[0, 0])
+            layers[node] = LayerReport(self.graph.nodes[node]["info"].class_name, cost.compute, cost.sync,
+                                       cost.transfer + incoming, cost.memory)
+            compute += cost.compute
+            sync += cost.sync
+            transfer += cost.transfer + incoming
+            memory += cost.memory
+        return Strategy(
+            {n: assignment[n] for n in self.nodes}, self.mesh, name=name,
+            cost=StrategyCost(compute, sync, transfer), memory=memory, layers=layers,
+            profile=getattr(getattr(self.cost_model, "profile", None), "name", None),
+        )
+
+
+def _is_fully_connected(info):
+    """OWT's model-parallel part: layers on feature vectors (rank-2 outputs), as a CNN's classifier."""
+    return info.class_name != "InputLayer" and len(info.output.shape) == 2

@@ -153,4 +153,5 @@ def make_mesh(mesh, device_type=None):
             f"The mesh {spec} needs {spec.size} {device_type} devices but this process has {available}. "
             f"Use a smaller mesh, or call keras_lwp.use_virtual_devices({spec.size}) before TensorFlow starts."
         )
-    return dtensor.create_mesh(list(spec.axes), device_type=device_type, num_global_devices=spec.size)
+    devices = [f"{device_type}:{i}" for i in range(spec.size)]
+    return dtensor.create_mesh(list(spec.axes), devices=devices, device_type=device_type)

@@ -57,9 +57,11 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
     if cost_model is not None and not isinstance(cost_model, CostModel):
         raise TypeError(f"cost_model must be a keras_lwp.cost.CostModel. Received: {cost_model!r}")
 
+    warned = set()  # one warning per unknown layer class per plan
+
     def problem_for(mesh_spec):
         model_for_mesh = cost_model if cost_model is not None and cost_model.mesh == mesh_spec else None
-        return Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile), strict)
+        return Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile), strict, warned)
 
     if isinstance(strategy, Strategy):
         problem = problem_for(strategy.mesh)
@@ -107,7 +109,7 @@ def _check_batch(graph, spec, batch_size):
 class Problem:
     """The cost tables of one model graph on one mesh, and the search over them."""
 
-    def __init__(self, graph, mesh, cost_model, strict=False):
+    def __init__(self, graph, mesh, cost_model, strict=False, warned=None):
         self.graph = graph
         self.mesh = mesh
         self.cost_model = cost_model
@@ -117,7 +119,7 @@ class Problem:
         self.configs = {}
         for name in self.nodes:
             info = graph.nodes[name]["info"]
-            self.rules[name] = rule_for(info, strict)
+            self.rules[name] = rule_for(info, strict, warned)
             self.dims[name] = self.rules[name].dimensions(info)
             self.configs[name] = configurations(info, self.dims[name], mesh)
         self._layer_costs = {}

@@ -94,31 +94,44 @@ class AnalyticCostModel(CostModel):
             transfer += self._halo_time(place, call)
             transfer += self._stats_time(place, info)
         weight_bytes = sync = 0.0
+        # A layer's gradients that reduce over the same axes go in one fused all-reduce (as DTensor's
+        # all-reduce combining does), so latency is paid once per group, not per weight.
+        gradient_groups = {}
         for index, weight in enumerate(info.weights):
             shard = weight.nbytes / self._split_of(place.weight_layout(index))
             weight_bytes += shard * (1 + OPTIMIZER_COPIES if weight.trainable else 1)
             if weight.trainable:
-                sync += allreduce_time(shard, place.weight_grad_partial_axes(index), self.mesh, self.profile)
+                axes = place.weight_grad_partial_axes(index)
+                gradient_groups[axes] = gradient_groups.get(axes, 0.0) + shard
                 sync += self._roofline(0.0, UPDATE_TRAFFIC * shard)
+        for axes, nbytes in gradient_groups.items():
+            sync += allreduce_time(nbytes, axes, self.mesh, self.profile)
         return LayerCost(compute, sync, transfer, weight_bytes + activation_bytes)
 
     def _split_of(self, layout):
         return math.prod(self.mesh.axis_size(a) for a in layout if a is not None)
 
-    def _halo_time(self, place, call):
-        """Exchange of `halo` rows with both neighbours, forward (input) and backward (its gradient)."""
+    def halo_bytes(self, place, call):
+        """Bytes one device receives per pass for the halos of its spatial splits: `halo` rows
+        (kernel extent minus stride) of its input block from its neighbours."""
         total = 0.0
+        x = call.inputs[0]
+        layout = place.input_layout(0, x)
         for dim, axis in place.halo_splits():
-            x = call.inputs[0]
-            layout = place.input_layout(0, x)
-            position = layout.index(axis) if axis in layout else None
-            if position is None:
+            if axis not in layout:
                 continue
-            row_bytes = x.nbytes / x.shape[position] / (self._split_of(layout) / self.mesh.axis_size(axis))
-            halo_bytes = 2 * dim.halo * row_bytes
-            link = self.profile.link_for_axes(self.mesh, (axis,))
-            total += 2 * (halo_bytes / link.bandwidth + 2 * link.latency)
+            position = layout.index(axis)
+            others = self._split_of(layout) / self.mesh.axis_size(axis)
+            total += dim.halo * x.nbytes / x.shape[position] / others
         return total
+
+    def _halo_time(self, place, call):
+        """The halo exchange forward (input rows) and backward (their gradient) with both neighbours."""
+        axes = tuple(axis for _, axis in place.halo_splits())
+        if not axes:
+            return 0.0
+        link = self.profile.link_for_axes(self.mesh, axes)
+        return 2 * (self.halo_bytes(place, call) / link.bandwidth + 2 * len(axes) * link.latency)
 
     def _stats_time(self, place, info):
         """BatchNormalization: all-reduce mean and variance (forward) and their gradients (backward)."""

@@ -64,7 +64,6 @@ class LayerRule:
 
 
 _RULES = {}
-_WARNED = set()
 
 
 def register_rule(*class_names):
@@ -92,8 +91,9 @@ class UnknownLayerWarning(UserWarning):
     pass
 
 
-def rule_for(info, strict=False):
-    """The rule for a layer; unknown classes fall back to replicated, warned once per class."""
+def rule_for(info, strict=False, warned=None):
+    """The rule for a layer; unknown classes fall back to replicated, warned once per class
+    among the calls that share the `warned` set (one plan)."""
     rule = _RULES.get(info.class_name)
     if rule is not None:
         return rule
@@ -104,9 +104,10 @@ def rule_for(info, strict=False):
     )
     if strict:
         raise ValueError(message.replace("so it runs replicated on every device", "and strict=True was given"))
-    if info.class_name not in _WARNED:
-        _WARNED.add(info.class_name)
-        warnings.warn(message, UnknownLayerWarning, stacklevel=3)
+    if warned is None or info.class_name not in warned:
+        if warned is not None:
+            warned.add(info.class_name)
+        warnings.warn(message, UnknownLayerWarning, stacklevel=4)
     return _REPLICATED_RULE
 
 

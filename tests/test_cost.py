@@ -1,0 +1,113 @@
+"""The cost arithmetic, checked against what the collectives must move. No TensorFlow needed."""
+
+import math
+
+import pytest
+
+from keras_lwp.cost import AnalyticCostModel, allreduce_time, get_profile, received_fraction
+from keras_lwp.graph import LayerCall, LayerInfo, TensorInfo, WeightInfo
+from keras_lwp.layers import Placement, configurations, rule_for
+from keras_lwp.config import Config
+from keras_lwp.mesh import MeshSpec
+
+MESH = MeshSpec((("x", 4), ("y", 2)))
+
+
+@pytest.mark.parametrize(
+    "src, dst, expected",
+    [
+        (("x", None), ("x", None), 0.0),               # same layout
+        ((None, None), ("x", None), 0.0),              # local slice
+        (("x", None), (None, None), 3 / 4),            # all-gather over x
+        (("x", None), (None, "x"), 1 / 4 - 1 / 16),    # all-to-all over x
+        (("x", "y"), (None, None), 1 - 1 / 8),         # all-gather over both
+        (("x", None), ("y", None), 1 / 2),            # re-split dim 0 from x to y: device x=2,y=0 holds none of it
+    ],
+    ids=["same", "slice", "allgather", "alltoall", "gather-2d", "axis-swap"],
+)
+def test_received_fraction_is_what_a_device_lacks(src, dst, expected):
+    assert received_fraction(src, dst, MESH) == pytest.approx(expected)
+
+
+def test_allreduce_is_a_ring():
+    profile = get_profile("p100")
+    mesh = MeshSpec((("x", 4),))
+    t = allreduce_time(1e6, ("x",), mesh, profile)
+    link = profile.intra_node
+    assert t == pytest.approx(2 * 3 / 4 * 1e6 / link.bandwidth + 6 * link.latency)
+    assert allreduce_time(1e6, (), mesh, profile) == 0.0
+
+
+def test_cross_node_axes_use_the_slow_link():
+    profile = get_profile("p100")  # 4 GPUs per node
+    mesh = MeshSpec((("node", 4), ("gpu", 4)))
+    assert profile.link_for_axes(mesh, ("gpu",)) == profile.intra_node
+    assert profile.link_for_axes(mesh, ("node",)) == profile.inter_node
+
+
+def dense_info(batch=64, n_in=512, n_out=256):
+    x, y = TensorInfo((batch, n_in), "float32"), TensorInfo((batch, n_out), "float32")
+    weights = (WeightInfo("d/kernel", (n_in, n_out), "float32", True), WeightInfo("d/bias", (n_out,), "float32", True))
+    return LayerInfo("d", "Dense", {"units": n_out}, weights, [LayerCall((x,), (y,))])
+
+
+def test_data_parallel_sync_is_the_gradient_allreduce():
+    """alpa's check: with the batch split, t_s is the all-reduce of every gradient plus the update."""
+    info = dense_info()
+    rule = rule_for(info)
+    dims = rule.dimensions(info)
+    mesh = MeshSpec((("d", 8),))
+    model = AnalyticCostModel(mesh, "p100")
+    cost = model.layer_cost(info, rule, dims, Config({"sample": "d"}))
+    weight_bytes = sum(w.nbytes for w in info.weights)
+    update = weight_bytes * 7 / model.profile.memory_bandwidth
+    assert cost.sync == pytest.approx(allreduce_time(weight_bytes, ("d",), mesh, model.profile) + update)
+    assert cost.transfer == 0.0
+    # Column-parallel: the kernel is split, nothing to all-reduce, but the input gradient is partial.
+    col = model.layer_cost(info, rule, dims, Config({"channel": "d"}))
+    assert col.sync == pytest.approx(update / 8)
+    assert col.transfer == pytest.approx(allreduce_time(64 * 512 * 4, ("d",), mesh, model.profile))
+    # Splitting the work divides compute.
+    replicated = model.layer_cost(info, rule, dims, Config())
+    assert cost.compute == pytest.approx(replicated.compute / 8)
+
+
+def test_configurations_respect_divisibility_and_one_axis_per_dim():
+    info = dense_info(batch=6, n_in=512, n_out=10)
+    dims = rule_for(info).dimensions(info)
+    configs = configurations(info, dims, MESH)
+    assert configs[0] == Config()
+    assert Config({"sample": "x"}) not in configs        # 4 does not divide 6
+    assert Config({"sample": "y"}) in configs
+    assert Config({"channel": "x"}) not in configs       # 4 does not divide 10
+    assert Config({"reduction": "x", "channel": "y"}) in configs
+    assert all(len(set(c.axes)) == len(c) for c in configs)
+    assert len(configs) == len(set(configs))
+
+
+def test_emulated_cpu_devices_take_turns():
+    cpu = get_profile("cpu-emulated")
+    assert cpu.compute_slowdown(MeshSpec((("x", 8),))) == 4.0
+    assert get_profile("p100").compute_slowdown(MeshSpec((("x", 8),))) == 1.0
+    with pytest.raises(ValueError, match="Known profiles"):
+        get_profile("tpu-v9")
+
+
+def test_halo_split_moves_only_the_halo():
+    """A height split of a 3x3 conv exchanges 2 rows per block edge, far less than gathering the input."""
+    x = TensorInfo((8, 32, 32, 64), "float32")
+    y = TensorInfo((8, 32, 32, 64), "float32")
+    weights = (WeightInfo("c/kernel", (3, 3, 64, 64), "float32", True), WeightInfo("c/bias", (64,), "float32", True))
+    info = LayerInfo("c", "Conv2D", {"kernel_size": (3, 3), "strides": (1, 1), "dilation_rate": (1, 1),
+                                     "groups": 1, "data_format": "channels_last"}, weights, [LayerCall((x,), (y,))])
+    rule = rule_for(info)
+    dims = rule.dimensions(info)
+    mesh = MeshSpec((("h", 4),))
+    model = AnalyticCostModel(mesh, "p100")
+    place = Placement(info, dims, Config({"height": "h"}), mesh)
+    row = x.nbytes / 32
+    assert model.halo_bytes(place, info.calls[0]) == pytest.approx(2 * row)  # 1 row from each neighbour
+    gathered = received_fraction(("h",), (None,), mesh) * x.nbytes
+    assert model.halo_bytes(place, info.calls[0]) < gathered / 10
+    halo = model.layer_cost(info, rule, dims, Config({"height": "h"})).transfer
+    assert 0 < halo and math.isfinite(halo)

@@ -1,0 +1,160 @@
+"""keras_lwp.search: the plan for a model, its baselines, overrides, and errors."""
+
+import warnings
+
+import keras
+import pytest
+
+import keras_lwp
+from keras_lwp.config import Config
+from keras_lwp.layers import UnknownLayerWarning
+from tests import models
+
+MESH = {"x": 4, "y": 2}
+MODELS = {
+    "mlp": (models.mlp, 64),
+    "small_cnn": (models.small_cnn, 32),
+    "branchy": (models.branchy, 16),
+    "transformer": (models.transformer_block, 16),
+    "conv_stack": (models.conv_stack, 256),
+    "wide_head": (models.wide_head, 32),
+}
+
+
+@pytest.mark.parametrize("profile", ["cpu-emulated", "p100"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_auto_is_never_predicted_slower_than_a_baseline(name, profile):
+    build, batch = MODELS[name]
+    model = build()
+    auto = keras_lwp.search(model, MESH, batch_size=batch, profile=profile)
+    assert set(auto) == {layer for layer in auto.layers}
+    for baseline in ("data", "model", "owt"):
+        other = keras_lwp.search(model, MESH, batch_size=batch, strategy=baseline, profile=profile)
+        assert auto.cost.total <= other.cost.total * (1 + 1e-9), (baseline, other.summary(), auto.summary())
+
+
+def test_regime_switch_conv_stack_is_data_parallel():
+    plan = keras_lwp.search(models.conv_stack(), MESH, batch_size=512, profile="cpu-emulated")
+    convs = [name for name, report in plan.layers.items() if report.class_name == "Conv2D"]
+    assert convs and all(set(plan[c]) == {"sample"} for c in convs)
+    assert all(plan[c]["sample"] == "xy" for c in convs)          # all 8 devices on the batch
+
+
+@pytest.mark.parametrize("profile", ["cpu-emulated", "p100"])
+def test_regime_switch_wide_dense_head_is_model_parallel(profile):
+    plan = keras_lwp.search(models.wide_head(), MESH, batch_size=32, profile=profile)
+    dense = [name for name, report in plan.layers.items() if report.class_name == "Dense"]
+    for name in dense[:2]:  # the two 8192-wide layers: their kernels are split, not replicated
+        assert set(plan[name]) & {"channel", "reduction"}, plan.summary()
+        assert "sample" not in plan[name]
+    data = keras_lwp.search(models.wide_head(), MESH, batch_size=32, strategy="data", profile=profile)
+    assert plan.cost.total < data.cost.total / 5
+
+
+def test_baselines_are_what_the_paper_calls_them():
+    model = models.small_cnn()
+    data = keras_lwp.search(model, MESH, batch_size=32, strategy="data")
+    assert data.mesh.axes == (("xy", 8),)
+    assert all(c == Config({"sample": "xy"}) for c in data.values())
+    owt = keras_lwp.search(model, MESH, batch_size=32, strategy="owt")
+    assert owt["conv1"] == Config({"sample": "xy"}) and owt["fc1"] == Config({"channel": "xy"})
+    model_parallel = keras_lwp.search(model, MESH, batch_size=32, strategy="model")
+    assert model_parallel["conv2"] == Config({"channel": "xy"}) and model_parallel["image"] == Config()
+
+
+def test_cost_parts_add_up_and_summary_reads():
+    plan = keras_lwp.search(models.small_cnn(), MESH, batch_size=32)
+    c = plan.cost
+    assert c.total == pytest.approx(c.compute + c.sync + c.transfer) and c.compute > 0
+    assert sum(r.compute for r in plan.layers.values()) == pytest.approx(c.compute)
+    assert plan.memory > 0
+    text = plan.summary()
+    for layer, config in plan.items():
+        assert layer in text and str(config) in text
+    assert "predicted step" in text and "ms/step" in text
+
+
+def test_json_round_trip_and_recosting_a_strategy():
+    model = models.transformer_block()
+    plan = keras_lwp.search(model, MESH, batch_size=16)
+    again = keras_lwp.Strategy.from_json(plan.to_json())
+    assert again == plan and again.cost == plan.cost and again.mesh == plan.mesh
+    recosted = keras_lwp.search(model, MESH, batch_size=16, strategy=again)
+    assert recosted.cost.total == pytest.approx(plan.cost.total)
+
+
+def test_overrides_pin_layers_and_the_search_does_the_rest():
+    model = models.small_cnn()
+    free = keras_lwp.search(model, MESH, batch_size=32)
+    pinned = keras_lwp.search(model, MESH, batch_size=32, overrides={"conv*": {"sample": "x", "height": "y"}})
+    assert pinned["conv1"] == pinned["conv2"] == Config({"sample": "x", "height": "y"})
+    assert pinned.mesh.axes == (("x", 4), ("y", 2))
+    assert pinned.cost.total >= free.cost.total * (1 - 1e-9)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"nope": {"sample": "x"}}, "matches no layer"),
+        ({"fc1": {"height": "x"}}, "has no dimension 'height'"),
+        ({"fc1": {"sample": "z"}}, "mesh axis 'z' is not in"),
+        ({"fc2": {"channel": "x"}}, "dimension 'channel' of size 10 cannot be split on mesh axis 'x' of size 4"),
+    ],
+    ids=["unknown-layer", "unknown-dim", "unknown-axis", "indivisible"],
+)
+def test_bad_overrides_name_layer_dimension_and_axis(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        keras_lwp.search(models.small_cnn(), MESH, batch_size=32, overrides=overrides)
+
+
+def test_strategy_naming_missing_layers_is_refused():
+    plan = keras_lwp.search(models.mlp(), MESH, batch_size=64)
+    foreign = keras_lwp.Strategy({**plan, "ghost": Config()}, plan.mesh)
+    with pytest.raises(ValueError, match="does not have: ghost"):
+        keras_lwp.search(models.mlp(), MESH, batch_size=64, strategy=foreign)
+
+
+def test_batch_size_no_axis_divides():
+    with pytest.raises(ValueError, match=r"batch_size=9 .*'sample' dimension of layer 'features'.*multiple of 2 \(for example 10\)"):
+        keras_lwp.search(models.mlp(), MESH, batch_size=9)
+
+
+def test_bad_mesh_and_bad_strategy_name():
+    with pytest.raises(TypeError, match="Expected a mesh"):
+        keras_lwp.search(models.mlp(), [4, 2], batch_size=8)
+    with pytest.raises(ValueError, match="strategy must be 'auto'"):
+        keras_lwp.search(models.mlp(), MESH, batch_size=8, strategy="fast")
+
+
+def test_subclassed_and_empty_models_are_refused():
+    class Net(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="subclass"):
+        keras_lwp.search(Net(), MESH, batch_size=8)
+    inputs = keras.Input((3,))
+    with pytest.raises(ValueError, match="nothing to parallelize"):
+        keras_lwp.search(keras.Model(inputs, inputs), MESH, batch_size=8)
+
+
+def test_unknown_layer_runs_replicated_with_one_warning_and_strict_refuses():
+    inputs = keras.Input((8,))
+    x = keras.layers.Lambda(lambda t: t * 2, name="double")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = keras_lwp.search(model, MESH, batch_size=8)
+    assert plan["double"] == Config()
+    named = [w for w in caught if issubclass(w.category, UnknownLayerWarning)]
+    assert len(named) == 1
+    assert "Lambda" in str(named[0].message) and "'double'" in str(named[0].message)
+    assert "register_rule" in str(named[0].message)
+    with pytest.raises(ValueError, match="no parallelization rule for layers of class Lambda"):
+        keras_lwp.search(model, MESH, batch_size=8, strict=True)
+
+
+def test_search_takes_a_real_dtensor_mesh():
+    mesh = keras_lwp.make_mesh(MESH)
+    plan = keras_lwp.search(models.mlp(), mesh, batch_size=64)
+    assert plan.mesh.axes in ((("x", 4), ("y", 2)), (("xy", 8),))

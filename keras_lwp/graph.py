@@ -6,6 +6,8 @@ Nested functional models are flattened into their layers. What the rest of keras
 data (`LayerInfo`, `LayerCall`, `TensorInfo`), so the cost model and the search never touch Keras.
 """
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -22,12 +24,9 @@ class TensorInfo:
     def itemsize(self):
         return dtype_size(self.dtype)
 
-    @property
-    def nbytes(self):
-        count = 1
-        for s in self.shape:
-            count *= s
-        return count * self.itemsize
+    @functools.cached_property
+    def nbytes(self):  # cached: the cost tables ask for it thousands of times
+        return math.prod(self.shape) * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,7 @@ class WeightInfo:
 
     @property
     def nbytes(self):
-        count = 1
-        for s in self.shape:
-            count *= s
-        return count * dtype_size(self.dtype)
+        return math.prod(self.shape) * dtype_size(self.dtype)
 
 
 @dataclass

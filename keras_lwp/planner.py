@@ -22,7 +22,7 @@ from keras_lwp import layout_search
 from keras_lwp.config import REPLICATED, Config
 from keras_lwp.cost.model import AnalyticCostModel, CostModel
 from keras_lwp.graph import layer_graph
-from keras_lwp.layers import Placement, check_dims, configurations, rule_for
+from keras_lwp.layers import Placement, check_dims, configurations, rule_for, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
 from keras_lwp.strategy import LayerReport, Strategy, StrategyCost
 
@@ -30,7 +30,7 @@ BASELINES = ("data", "model", "owt")
 
 
 def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profile=None,
-           cost_model=None, strict=False):
+           cost_model=None, strict=False, space="runnable"):
     """Plan a parallelization of `model` over `mesh` without touching the model.
 
     Args:
@@ -46,6 +46,9 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
             mesh's device type.
         cost_model: a keras_lwp.cost.CostModel (overrides `profile`), built for `mesh`.
         strict: raise instead of planning a layer with no rule as replicated.
+        space: "runnable" plans only the splits keras_lwp runs on DTensor today (what `parallelize`
+            executes); "full" adds the rest of every rule's dimensions (the paper's whole space:
+            a convolution's channels and rows), for planning and simulation.
 
     Returns:
         A Strategy with its predicted cost (`strategy.cost`) and memory.
@@ -53,15 +56,24 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
     spec = mesh_spec_of(mesh)
     batch_size = _batch_size(model, spec, batch_size)
     graph = layer_graph(model, batch_size)
+    return plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict, space)
+
+
+def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile=None, cost_model=None,
+               strict=False, space="runnable"):
+    """`search` from an already-read layer graph (keras_lwp.graph.layer_graph) and a MeshSpec."""
+    spec = mesh_spec_of(mesh)
+    if space not in ("runnable", "full"):
+        raise ValueError(f"space must be 'runnable' or 'full'. Received: space={space!r}")
     _check_batch(graph, spec, batch_size)
     if cost_model is not None and not isinstance(cost_model, CostModel):
         raise TypeError(f"cost_model must be a keras_lwp.cost.CostModel. Received: {cost_model!r}")
-
     warned = set()  # one warning per unknown layer class per plan
 
     def problem_for(mesh_spec):
         model_for_mesh = cost_model if cost_model is not None and cost_model.mesh == mesh_spec else None
-        return Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile), strict, warned)
+        return Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile), strict, warned,
+                       space)
 
     if isinstance(strategy, Strategy):
         problem = problem_for(strategy.mesh)
@@ -109,7 +121,7 @@ def _check_batch(graph, spec, batch_size):
 class Problem:
     """The cost tables of one model graph on one mesh, and the search over them."""
 
-    def __init__(self, graph, mesh, cost_model, strict=False, warned=None):
+    def __init__(self, graph, mesh, cost_model, strict=False, warned=None, space="runnable"):
         self.graph = graph
         self.mesh = mesh
         self.cost_model = cost_model
@@ -120,9 +132,11 @@ class Problem:
         for name in self.nodes:
             info = graph.nodes[name]["info"]
             self.rules[name] = rule_for(info, strict, warned)
-            self.dims[name] = self.rules[name].dimensions(info)
+            dims = self.rules[name].dimensions(info)
+            self.dims[name] = dims if space == "full" else runnable_dims(dims)
             self.configs[name] = configurations(info, self.dims[name], mesh)
         self._layer_costs = {}
+        self._placements = {}
 
     # -- costs -------------------------------------------------------------------------------
     def layer_cost(self, name, config):
@@ -133,20 +147,23 @@ class Problem:
         return self._layer_costs[key]
 
     def _placement(self, name, config):
-        return Placement(self.graph.nodes[name]["info"], self.dims[name], config, self.mesh)
+        key = (name, config)
+        if key not in self._placements:
+            self._placements[key] = Placement(self.graph.nodes[name]["info"], self.dims[name], config, self.mesh)
+        return self._placements[key]
 
     def edge_table(self, u, v, configs_u, configs_v):
         """t_x over every pair of configurations, as an array [len(configs_u), len(configs_v)]."""
         table = np.zeros((len(configs_u), len(configs_v)))
+        produced_by = self.graph.nodes[u]["info"].calls[0].outputs
         for out_index, call_index, in_index, tensor in self.graph.edges[u, v]["tensors"]:
-            info_u = self.graph.nodes[u]["info"]
-            produced = info_u.calls[0].outputs[out_index] if out_index < len(info_u.calls[0].outputs) else tensor
+            produced = produced_by[out_index] if out_index < len(produced_by) else tensor
             src = [self._placement(u, c).output_layout(produced) for c in configs_u]
             dst = [self._placement(v, c).input_layout(in_index, tensor) for c in configs_v]
-            src_unique = sorted(set(src), key=src.index)
-            dst_unique = sorted(set(dst), key=dst.index)
-            unique = np.array([[self.cost_model.transfer_cost(tensor, s, d) for d in dst_unique] for s in src_unique])
-            table += unique[np.ix_([src_unique.index(s) for s in src], [dst_unique.index(d) for d in dst])]
+            src_unique, src_index = _unique(src)
+            dst_unique, dst_index = _unique(dst)
+            unique = self.cost_model.transfer_table(tensor, src_unique, dst_unique)
+            table += unique[np.ix_(src_index, dst_index)]
         return table
 
     def cost_graph(self, allowed):
@@ -247,6 +264,13 @@ class Problem:
             cost=StrategyCost(compute, sync, transfer), memory=memory, layers=layers,
             profile=getattr(getattr(self.cost_model, "profile", None), "name", None),
         )
+
+
+def _unique(items):
+    """The distinct items in first-seen order, and each item's position among them."""
+    positions = {}
+    index = [positions.setdefault(item, len(positions)) for item in items]
+    return list(positions), index
 
 
 def _is_fully_connected(info):

@@ -58,8 +58,11 @@ def test_baselines_are_what_the_paper_calls_them():
     assert all(c == Config({"sample": "xy"}) for c in data.values())
     owt = keras_lwp.search(model, MESH, batch_size=32, strategy="owt")
     assert owt["conv1"] == Config({"sample": "xy"}) and owt["fc1"] == Config({"channel": "xy"})
-    model_parallel = keras_lwp.search(model, MESH, batch_size=32, strategy="model")
+    model_parallel = keras_lwp.search(model, MESH, batch_size=32, strategy="model", space="full")
     assert model_parallel["conv2"] == Config({"channel": "xy"}) and model_parallel["image"] == Config()
+    # DTensor does not split a convolution's channels by itself: the runnable space leaves it whole.
+    runnable = keras_lwp.search(model, MESH, batch_size=32, strategy="model")
+    assert runnable["conv2"] == Config() and runnable["fc1"] == Config({"channel": "xy"})
 
 
 def test_cost_parts_add_up_and_summary_reads():
@@ -85,8 +88,9 @@ def test_json_round_trip_and_recosting_a_strategy():
 
 def test_overrides_pin_layers_and_the_search_does_the_rest():
     model = models.small_cnn()
-    free = keras_lwp.search(model, MESH, batch_size=32)
-    pinned = keras_lwp.search(model, MESH, batch_size=32, overrides={"conv*": {"sample": "x", "height": "y"}})
+    free = keras_lwp.search(model, MESH, batch_size=32, space="full")
+    pinned = keras_lwp.search(model, MESH, batch_size=32, overrides={"conv*": {"sample": "x", "height": "y"}},
+                              space="full")
     assert pinned["conv1"] == pinned["conv2"] == Config({"sample": "x", "height": "y"})
     assert pinned.mesh.axes == (("x", 4), ("y", 2))
     assert pinned.cost.total >= free.cost.total * (1 - 1e-9)

@@ -57,7 +57,7 @@ def allreduce_time(nbytes, axes, mesh, profile):
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _relayout_coefficients(src, dst, mesh, profile):
+def relayout_coefficients(src, dst, mesh, profile):
     """(seconds per byte of the whole tensor, fixed seconds) of the relayout src -> dst."""
     fraction = received_fraction(src, dst, mesh)
     if fraction == 0.0:
@@ -72,7 +72,7 @@ def _relayout_coefficients(src, dst, mesh, profile):
 
 def relayout_time(nbytes, src, dst, mesh, profile):
     """Seconds to move a tensor of `nbytes` (whole) from layout `src` to layout `dst`."""
-    per_byte, fixed = _relayout_coefficients(tuple(src), tuple(dst), mesh, profile)
+    per_byte, fixed = relayout_coefficients(tuple(src), tuple(dst), mesh, profile)
     return per_byte * nbytes + fixed
 
 

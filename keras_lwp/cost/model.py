@@ -16,7 +16,9 @@ model (issue 5) implements the same two methods.
 import math
 from dataclasses import dataclass
 
-from keras_lwp.cost.comm import allreduce_time, relayout_time
+import numpy as np
+
+from keras_lwp.cost.comm import allreduce_time, relayout_coefficients, relayout_time
 from keras_lwp.cost.devices import get_profile
 from keras_lwp.layers.base import Placement
 
@@ -54,6 +56,10 @@ class CostModel:
     def transfer_cost(self, tensor, src_layout, dst_layout):
         """Seconds to relayout a TensorInfo forward, and its gradient backward."""
         raise NotImplementedError
+
+    def transfer_table(self, tensor, src_layouts, dst_layouts):
+        """transfer_cost for every (src, dst) pair, as an array [len(src_layouts), len(dst_layouts)]."""
+        return np.array([[self.transfer_cost(tensor, s, d) for d in dst_layouts] for s in src_layouts])
 
 
 class AnalyticCostModel(CostModel):
@@ -140,6 +146,16 @@ class AnalyticCostModel(CostModel):
             return 0.0
         channels = info.output.shape[-1] / self._split_of(tuple(a for d, a in place.config.items() if d == "channel"))
         return 2 * allreduce_time(2 * 4 * channels, axes, self.mesh, self.profile)
+
+    def transfer_table(self, tensor, src_layouts, dst_layouts):
+        coefficients = np.array([[relayout_coefficients(s, d, self.mesh, self.profile) for d in dst_layouts]
+                                 for s in src_layouts]).reshape(len(src_layouts), len(dst_layouts), 2)
+        table = coefficients[..., 0] * tensor.nbytes + coefficients[..., 1]
+        if _is_float(tensor.dtype):  # the gradient travels back
+            back = np.array([[relayout_coefficients(d, s, self.mesh, self.profile) for d in dst_layouts]
+                             for s in src_layouts]).reshape(len(src_layouts), len(dst_layouts), 2)
+            table += back[..., 0] * tensor.nbytes + back[..., 1]
+        return table
 
     def transfer_cost(self, tensor, src_layout, dst_layout):
         seconds = relayout_time(tensor.nbytes, src_layout, dst_layout, self.mesh, self.profile)

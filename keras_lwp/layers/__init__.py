@@ -11,9 +11,10 @@ from keras_lwp.layers.base import (
     has_rule,
     register_rule,
     rule_for,
+    runnable_dims,
 )
 
 __all__ = [
     "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations",
-    "has_rule", "register_rule", "rule_for",
+    "has_rule", "register_rule", "rule_for", "runnable_dims",
 ]

@@ -37,6 +37,9 @@ class DimSpec:
             partial sum over it: gradient synchronization).
         halo: elements of neighbouring data a split needs at each block edge (convolution windows).
         stats: the layer reduces statistics over this dimension (BatchNormalization).
+        native: TensorFlow DTensor runs this split by itself. Splits it refuses on CPU/GPU meshes
+            (a convolution's channels or rows, DESIGN.md) are costed and searched only when the
+            caller asks for the full space, until keras_lwp implements them.
     """
 
     name: str
@@ -46,6 +49,7 @@ class DimSpec:
     weights: tuple
     halo: int = 0
     stats: bool = False
+    native: bool = True
 
 
 class LayerRule:
@@ -203,6 +207,11 @@ def check_dims(info, dims, config, mesh):
                 f"on mesh axis '{axis}' of size {parts}, since {parts} does not evenly divide {size}"
             )
     return None
+
+
+def runnable_dims(dims):
+    """The dimensions keras_lwp can run on DTensor today."""
+    return [d for d in dims if d.native]
 
 
 def configurations(info, dims, mesh):

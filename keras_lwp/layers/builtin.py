@@ -184,7 +184,7 @@ class _WindowRule(LayerRule):
             extent = (kernel[i] - 1) * dilation[i] + 1
             halo = max(0, extent - strides[i])
             if x.shape[1 + i] % max(1, strides[i]) == 0:
-                dims.append(DimSpec(name, out.shape[1 + i], 1 + i, (1 + i,), none, halo=halo))
+                dims.append(DimSpec(name, out.shape[1 + i], 1 + i, (1 + i,), none, halo=halo, native=False))
         dims.extend(self.channel_dims(info, rank))
         return dims
 
@@ -206,7 +206,7 @@ class ConvRule(_WindowRule):
         if info.config.get("groups", 1) != 1:
             return []
         return [DimSpec("channel", info.output.shape[-1], rank - 1, (None,),
-                        _weight_axes(info, {"kernel": -1, "bias": 0}))]
+                        _weight_axes(info, {"kernel": -1, "bias": 0}), native=False)]
 
     def forward_flops(self, info, call):
         kernel = next(w for w in info.weights if w.name.endswith("kernel"))
@@ -222,7 +222,7 @@ class PoolRule(_WindowRule):
         return pool, _tuple(strides, rank), (1,) * rank
 
     def channel_dims(self, info, rank):
-        return [DimSpec("channel", info.output.shape[-1], rank - 1, (rank - 1,), ())]
+        return [DimSpec("channel", info.output.shape[-1], rank - 1, (rank - 1,), (), native=False)]
 
     def forward_flops(self, info, call):
         pool, _, _ = self.window(info)
@@ -282,8 +282,8 @@ class EmbeddingRule(LayerRule):
         dims = [DimSpec("sample", y.shape[0], 0, (0,), (None,))]
         if rank == 3:
             dims.append(DimSpec("length", y.shape[1], 1, (1,), (None,)))
-        dims.append(DimSpec("channel", y.shape[-1], rank - 1, (None,), (1,)))
-        dims.append(DimSpec("vocabulary", info.weights[0].shape[0], None, (None,), (0,)))
+        dims.append(DimSpec("channel", y.shape[-1], rank - 1, (None,), (1,), native=False))
+        dims.append(DimSpec("vocabulary", info.weights[0].shape[0], None, (None,), (0,), native=False))
         return dims
 
     def forward_flops(self, info, call):

@@ -8,6 +8,7 @@ from keras_lwp.layers.base import (
     UnknownLayerWarning,
     check_dims,
     configurations,
+    dimensions_of,
     has_rule,
     register_rule,
     rule_for,
@@ -15,6 +16,6 @@ from keras_lwp.layers.base import (
 )
 
 __all__ = [
-    "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations",
+    "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations", "dimensions_of",
     "has_rule", "register_rule", "rule_for", "runnable_dims",
 ]

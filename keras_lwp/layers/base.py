@@ -115,6 +115,12 @@ def rule_for(info, strict=False, warned=None):
     return _REPLICATED_RULE
 
 
+def dimensions_of(info, space="runnable"):
+    """A layer's DimSpecs (quietly: the plan already warned about layers with no rule)."""
+    dims = _RULES.get(info.class_name, _REPLICATED_RULE).dimensions(info)
+    return dims if space == "full" else runnable_dims(dims)
+
+
 def has_rule(class_name):
     return class_name in _RULES
 

@@ -1,0 +1,406 @@
+"""parallelize(model, mesh): run a Strategy on TensorFlow DTensor behind plain `fit`.
+
+What it does to the model (DESIGN.md, "Measured facts"):
+- every weight becomes a `dtensor.DVariable` with its layer's weight layout, and keeps that layout as
+  `_layout`, which Keras passes on to the optimizer slots built from it;
+- each layer's `call` is wrapped: inputs are relaid to the layouts the layer's configuration needs
+  and the output to the configuration's output layout, so DTensor inserts exactly the plan's
+  communication between layers;
+- the optimizer's variables (counters replicated, slots like their weight) and every metric's state
+  are moved onto the mesh when a train/test function is made (both exist only after compile and
+  Keras' symbolic build, so compile may come before or after parallelize);
+- Keras' TF train/test/predict functions wrap steps in `tf.experimental.Optional`, which DTensor
+  cannot lay out; ours take one batch at a time from the same iterator, shard it along the batch
+  and run the stock `train_step`/`test_step`/`predict_step` in a `tf.function`. Metrics are read after
+  the step (reading them in the same DTensor function returned values from before the update).
+A batch whose size a mesh axis does not divide (the last partial batch) runs with the sample
+dimension replicated along that axis: same numbers, nothing dropped.
+"""
+
+import os
+import types
+
+import numpy as np
+
+from keras_lwp.graph import layer_graph
+from keras_lwp.layers import Placement, dimensions_of
+from keras_lwp.mesh import make_mesh, mesh_spec_of
+from keras_lwp.planner import plan_graph, _batch_size
+from keras_lwp.strategy import Strategy
+
+# Ops with no DTensor layout rule, run replicated (DESIGN.md): AveragePooling's gradient.
+for _op in ("AVGPOOLGRAD",):
+    os.environ.setdefault(f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{_op}", "1")
+# DTensor's all-reduce combining silently applied stale Adam/momentum slot values on some graphs
+# (reproduced here: a branchy model under OWT and a transformer block under data parallelism trained
+# to different weights). One all-reduce per group makes every case match one device.
+os.environ.setdefault("DTENSOR_ALLREDUCE_COMBINE_OPTIMIZATION_GROUP_SIZE", "1")
+
+
+class ParallelizedModel:
+    """What parallelize attaches to a model (as `model._keras_lwp`)."""
+
+    def __init__(self, strategy, mesh, graph):
+        self.strategy = strategy
+        self.mesh = mesh
+        self.graph = graph
+
+
+def strategy_of(model):
+    """The Strategy a parallelized model runs."""
+    state = getattr(model, "_keras_lwp", None)
+    if state is None:
+        raise ValueError(f"The model '{model.name}' is not parallelized. Call keras_lwp.parallelize(model, mesh).")
+    return state.strategy
+
+
+def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, profile=None, cost_model=None,
+                strict=False):
+    """Shard `model` over `mesh` layer by layer, then train it with the usual `compile`/`fit`.
+
+    Args:
+        model: a built Keras functional or Sequential model.
+        mesh: a dtensor.Mesh, a keras.distribution.DeviceMesh or a dict {axis: size} over this
+            process's devices.
+        strategy: "auto" (searched), "data", "model", "owt", or a Strategy (e.g. from
+            keras_lwp.search or Strategy.from_json).
+        overrides: {layer name or pattern: {dimension: mesh axis}} pinned for the search.
+        batch_size: the global batch size to plan for (default: 32 per device).
+        profile, cost_model, strict: as in keras_lwp.search.
+
+    Returns:
+        The same model object, now running sharded; `keras_lwp.strategy_of(model)` is its plan.
+
+    Example:
+
+    ```python
+    keras_lwp.use_virtual_devices(8)
+    model = keras_lwp.parallelize(model, keras_lwp.make_mesh({"x": 4, "y": 2}))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=64)
+    ```
+    """
+    if getattr(model, "_keras_lwp", None) is not None:
+        raise ValueError(
+            f"The model '{model.name}' is already parallelized (strategy "
+            f"'{model._keras_lwp.strategy.name}' on {model._keras_lwp.strategy.mesh}). Parallelize a fresh "
+            "model, or load its weights into one: parallelize changes the model in place."
+        )
+    dmesh = make_mesh(mesh)
+    spec = mesh_spec_of(dmesh)
+    batch_size = _batch_size(model, spec, batch_size)
+    graph = layer_graph(model, batch_size)  # refuses subclassed and empty models before any change
+    _check_float_inputs(graph)
+    if isinstance(strategy, str) and strategy.endswith(".json"):
+        strategy = Strategy.from_json(strategy)
+    plan = plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict)
+    run_mesh = _mesh_for(plan.mesh, dmesh)
+    _apply(graph, plan, run_mesh)
+    _wrap_model_outputs(model, graph, plan, run_mesh)
+    model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
+    _install_functions(model)
+    return model
+
+
+def _check_float_inputs(graph):
+    for name in graph.graph["inputs"]:
+        tensor = graph.nodes[name]["info"].output
+        consumers = [graph.nodes[v]["info"] for v in graph.successors(name)]
+        if "float" in tensor.dtype or all(c.class_name == "Embedding" for c in consumers):
+            continue
+        first = consumers[0] if consumers else None
+        raise ValueError(
+            f"Input '{name}' has dtype {tensor.dtype}, but the layer that reads it "
+            f"('{first.name}', {first.class_name}) computes in floats. Declare the input as "
+            f"keras.Input(..., dtype='float32') and cast the data, or feed integers to an Embedding."
+        )
+
+
+def _mesh_for(plan_mesh, dmesh):
+    """The dtensor.Mesh a plan runs on: the given one, or the same devices with the plan's axes."""
+    from tensorflow.experimental import dtensor
+
+    if mesh_spec_of(dmesh).axes == plan_mesh.axes:
+        return dmesh
+    if mesh_spec_of(dmesh).size != plan_mesh.size:
+        raise ValueError(
+            f"The strategy was planned for {plan_mesh} ({plan_mesh.size} devices) but the mesh has "
+            f"{mesh_spec_of(dmesh).size} devices. Search again on this mesh."
+        )
+    devices = [d.to_string() if hasattr(d, "to_string") else str(d) for d in dmesh.local_devices()]
+    return dtensor.create_mesh(list(plan_mesh.axes), devices=devices, device_type=dmesh.device_type())
+
+
+def dtensor_layout(spec, mesh):
+    from tensorflow.experimental import dtensor
+
+    return dtensor.Layout([dtensor.UNSHARDED if a is None else a for a in spec], mesh)
+
+
+def _fit(spec, shape, mesh_spec):
+    """Drop the splits a concrete shape does not allow (a partial last batch): replicate instead."""
+    return tuple(
+        a if a is None or shape[i] is None or shape[i] % mesh_spec.axis_size(a) == 0 else None
+        for i, a in enumerate(spec)
+    )
+
+
+def relayout_to(tensor, spec, mesh):
+    """`tensor` laid out as `spec` on `mesh` (a DTensor relayout; a tensor not on the mesh is put there)."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    spec = _fit(spec, tuple(tensor.shape), mesh_spec_of(mesh))
+    if tf.executing_eagerly() and not dtensor.is_dtensor(tensor):
+        return to_mesh(tensor, spec, mesh)
+    return dtensor.relayout(tensor, dtensor_layout(spec, mesh))
+
+
+def to_mesh(value, spec, mesh):
+    """Put a host value on the mesh, each device receiving only its own block (dtensor.pack)."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    value = tf.convert_to_tensor(value)
+    mesh_spec = mesh_spec_of(mesh)
+    spec = _fit(spec, tuple(value.shape), mesh_spec)
+    if dtensor.is_dtensor(value):  # e.g. an optimizer slot Keras built from a DVariable
+        return dtensor.relayout(value, dtensor_layout(spec, mesh))
+    sizes = [s for _, s in mesh_spec.axes]
+    components = []
+    for device in range(mesh_spec.size):
+        coords = np.unravel_index(device, sizes)
+        block = value
+        for axis, mesh_axis in enumerate(spec):
+            if mesh_axis is not None:
+                index = mesh_spec.axis_names.index(mesh_axis)
+                block = tf.split(block, sizes[index], axis=axis)[coords[index]]
+        components.append(block)
+    return dtensor.pack(components, dtensor_layout(spec, mesh))
+
+
+def to_host(value):
+    """A DTensor gathered into one ordinary tensor (sharded DTensors have no .numpy())."""
+    from tensorflow.experimental import dtensor
+
+    if isinstance(value, dtensor.DVariable):
+        value = value.read_value()
+    if not dtensor.is_dtensor(value):
+        return value
+    layout = dtensor.fetch_layout(value)
+    if not layout.is_fully_replicated():
+        value = dtensor.relayout(value, dtensor.Layout.replicated(layout.mesh, layout.rank))
+    return dtensor.unpack(value)[0]
+
+
+def _variable_to_mesh(variable, spec, mesh):
+    """Back a Keras variable by a DVariable with layout `spec`, keeping its value."""
+    from tensorflow.experimental import dtensor
+
+    value = variable._value
+    if isinstance(value, dtensor.DVariable):
+        return
+    layout = dtensor_layout(spec, mesh)
+    variable._value = dtensor.DVariable(to_mesh(value.read_value(), spec, mesh), trainable=variable.trainable,
+                                        name=variable.path.replace("/", "_"))
+    variable._layout = layout
+
+
+def _apply(graph, plan, mesh):
+    spec = mesh_spec_of(mesh)
+    for name in graph:
+        info = graph.nodes[name]["info"]
+        if info.class_name == "InputLayer":
+            continue
+        place = Placement(info, dimensions_of(info), plan[name], spec)
+        for index, weight in enumerate(info.layer.weights):
+            _variable_to_mesh(weight, place.weight_layout(index), mesh)
+        _wrap_call(info.layer, place, mesh)
+
+
+def _wrap_call(layer, place, mesh):
+    """Relayout the inputs to what the configuration needs and the output to its layout."""
+    import keras
+    import tensorflow as tf
+
+    original = layer.call
+    info = place.info
+
+    def call(*args, **kwargs):
+        inputs = args[0] if args else None
+        rest = args[1:]
+        if isinstance(inputs, (list, tuple)):
+            inputs = type(inputs)(_relayout_input(place, i, t, mesh) for i, t in enumerate(inputs))
+        elif inputs is not None:
+            inputs = _relayout_input(place, 0, inputs, mesh)
+        # Extra tensor arguments (attention's value/key) are inputs 1, 2, ... of the rule.
+        rest = tuple(_relayout_input(place, 1 + i, t, mesh) if tf.is_tensor(t) else t for i, t in enumerate(rest))
+        for key, index in (("value", 1), ("key", 2)):
+            if tf.is_tensor(kwargs.get(key)):
+                kwargs[key] = _relayout_input(place, index, kwargs[key], mesh)
+        outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
+        return keras.tree.map_structure(
+            lambda t: relayout_to(t, place.output_layout(_shape_info(t)), mesh) if tf.is_tensor(t) else t, outputs)
+
+    layer.call = call
+    layer._keras_lwp_original_call = original
+    del info
+
+
+def _wrap_model_outputs(model, graph, plan, mesh):
+    """Lay the model's outputs out like the labels (batch split, the rest whole) for the loss:
+    DTensor mis-shaped a loss's reshape of a channel-split prediction."""
+    import keras
+    import tensorflow as tf
+
+    original = model.call
+    sample_axis = plan[graph.graph["inputs"][0]].get("sample")
+
+    def call(*args, **kwargs):
+        outputs = original(*args, **kwargs)
+        return keras.tree.map_structure(
+            lambda t: relayout_to(t, (sample_axis,) + (None,) * (len(t.shape) - 1), mesh) if tf.is_tensor(t) else t,
+            outputs)
+
+    model.call = call
+
+
+class _ShapeOnly:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _shape_info(tensor):
+    return _ShapeOnly(tuple(tensor.shape))
+
+
+def _relayout_input(place, index, tensor, mesh):
+    import tensorflow as tf
+
+    if not tf.is_tensor(tensor) or index >= len(place.info.calls[0].inputs):
+        return tensor
+    return relayout_to(tensor, place.input_layout(index, _shape_info(tensor)), mesh)
+
+
+# -- train / test / predict functions -----------------------------------------------------------
+
+def _install_functions(model):
+    model.make_train_function = types.MethodType(_make_train_function, model)
+    model.make_test_function = types.MethodType(_make_test_function, model)
+    model.make_predict_function = types.MethodType(_make_predict_function, model)
+    model.train_function = model.test_function = model.predict_function = None
+
+
+def _move_state_to_mesh(model):
+    """Optimizer and metric variables onto the mesh: slots like their weight, the rest replicated."""
+    mesh = model._keras_lwp.mesh
+    variables = []
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        if not optimizer.built:
+            # Keras' TF optimizer creates slots colocated with their weight, which on a DVariable
+            # yields a plain variable holding a DTensor that DTensor then mis-shapes. Build the
+            # slots as ordinary host variables (they keep the weight's `_layout`) and move them below.
+            from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+            optimizer.add_variable_from_reference = types.MethodType(
+                BaseOptimizer.add_variable_from_reference, optimizer)
+            optimizer.build(model.trainable_variables)
+        variables += list(optimizer.variables)
+    for metric in model.metrics:
+        variables += list(metric.variables)
+    for variable in variables:
+        layout = getattr(variable, "_layout", None)
+        spec = tuple(None if s == "unsharded" else s for s in layout.sharding_specs) if layout is not None else \
+            (None,) * len(variable.shape)
+        _variable_to_mesh(variable, spec, mesh)
+
+
+def _batch_to_mesh(model, data):
+    """Shard a batch (x, y, sample_weight) along the sample axis the input layers use."""
+    import keras
+    import tensorflow as tf
+
+    state = model._keras_lwp
+    plan, graph = state.strategy, state.graph
+    input_names = graph.graph["inputs"]
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    flat_x = keras.tree.flatten(x)
+    placed_x = []
+    for name, value in zip(input_names, flat_x):
+        info = graph.nodes[name]["info"]
+        spec = Placement(info, dimensions_of(info), plan[name], plan.mesh).output_layout(_shape_info(value))
+        placed_x.append(to_mesh(value, spec, state.mesh))
+    x = keras.tree.pack_sequence_as(x, placed_x)
+    sample_axis = plan[input_names[0]].get("sample")
+
+    def batch_split(value):
+        if value is None or not tf.is_tensor(value) and not isinstance(value, np.ndarray):
+            return value
+        spec = (sample_axis,) + (None,) * (len(value.shape) - 1) if len(value.shape) else ()
+        return to_mesh(value, spec, state.mesh)
+
+    y = keras.tree.map_structure(batch_split, y)
+    sample_weight = keras.tree.map_structure(batch_split, sample_weight)
+    return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+
+
+def _step_function(model, step):
+    import tensorflow as tf
+
+    # No reduce_retracing: a relaxed (None) batch dimension would hide whether the batch divides.
+    return step if model.run_eagerly else tf.function(step)
+
+
+def _make_train_function(model, force=False):
+    if model.train_function is not None and not force:
+        return model.train_function
+    _move_state_to_mesh(model)
+    step = _step_function(model, lambda data: model.train_step(data) and None)
+
+    def function(iterator):
+        for _ in range(model.steps_per_execution):
+            step(_batch_to_mesh(model, next(iterator)))
+        return _host_logs(model.get_metrics_result())
+
+    model.train_function = function
+    return function
+
+
+def _make_test_function(model, force=False):
+    if model.test_function is not None and not force:
+        return model.test_function
+    _move_state_to_mesh(model)
+    step = _step_function(model, lambda data: model.test_step(data) and None)
+
+    def function(iterator):
+        for _ in range(model.steps_per_execution):
+            step(_batch_to_mesh(model, next(iterator)))
+        return _host_logs(model.get_metrics_result())
+
+    model.test_function = function
+    return function
+
+
+def _make_predict_function(model, force=False):
+    import keras
+
+    if model.predict_function is not None and not force:
+        return model.predict_function
+    step = _step_function(model, model.predict_step)
+
+    def function(data):
+        outputs = [keras.tree.map_structure(to_host, step(_batch_to_mesh(model, batch))) for batch in data]
+        if len(outputs) == 1:
+            return outputs[0]
+        return keras.tree.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *outputs)
+
+    model.predict_function = function
+    return function
+
+
+def _host_logs(logs):
+    return {k: to_host(v) for k, v in logs.items()}
+
+
+__all__ = ["parallelize", "strategy_of", "to_host", "to_mesh"]

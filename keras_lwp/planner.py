@@ -96,6 +96,17 @@ def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile
     return best
 
 
+def random_strategy(model, mesh, batch_size, seed, profile=None):
+    """A valid strategy drawn at random (each layer a uniformly chosen runnable configuration),
+    costed like any other: for tests of exactness and of the cost model's ranking."""
+    spec = mesh_spec_of(mesh)
+    graph = layer_graph(model, batch_size)
+    problem = Problem(graph, spec, AnalyticCostModel(spec, profile), warned=set())
+    rng = np.random.default_rng(seed)
+    assignment = {name: problem.configs[name][rng.integers(len(problem.configs[name]))] for name in problem.nodes}
+    return problem.evaluate(assignment, f"random{seed}")
+
+
 def _batch_size(model, spec, batch_size):
     if batch_size is not None:
         return batch_size

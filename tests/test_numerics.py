@@ -1,0 +1,113 @@
+"""The gold test: a parallelized model computes what the single-device model computes.
+
+The pattern of PyTorch's `_compare_module`: the same model, data and optimizer run once on one device
+and once sharded on 8 logical CPU devices under each strategy; the loss of every step, every weight
+after three steps, evaluate and predict must agree within float tolerance. Adam and SGD with
+momentum both run, since DTensor once applied stale optimizer slots silently (DESIGN.md).
+"""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lwp
+from keras_lwp.planner import random_strategy
+from keras_lwp.runtime import to_host
+from tests import models
+
+MESH = {"x": 4, "y": 2}
+BATCH = 16
+STEPS = 3
+MODELS = {
+    "mlp": models.mlp,
+    "cnn": models.small_cnn,
+    "branchy": models.branchy,
+    "transformer": models.transformer_block,
+}
+OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(1e-3),
+    "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+}
+STRATEGIES = ["data", "model", "owt", "auto", "random0", "random1", "random2"]
+
+
+def make_data(model, samples, seed=0):
+    rng = np.random.RandomState(seed)
+    xs = [rng.randn(samples, *t.shape[1:]).astype("float32") for t in model.inputs]
+    ys = [rng.randint(0, t.shape[-1], samples) for t in model.outputs]
+    return (xs[0] if len(xs) == 1 else xs), (ys[0] if len(ys) == 1 else ys)
+
+
+def train(model_name, optimizer_name, strategy=None, samples=BATCH * STEPS):
+    """Losses per step, weights after training, evaluate and predict results."""
+    keras.utils.set_random_seed(7)
+    model = MODELS[model_name]()
+    x, y = make_data(model, samples)
+    if strategy is not None:
+        if strategy.startswith("random"):
+            strategy = random_strategy(model, MESH, BATCH, seed=int(strategy[len("random"):]))
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=strategy, batch_size=BATCH)
+    model.compile(OPTIMIZERS[optimizer_name](), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"] if len(model.outputs) == 1 else None)
+    losses = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: losses.append(logs["loss"]))
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    evaluated = model.evaluate(x, y, batch_size=BATCH, verbose=0, return_dict=True)
+    predicted = keras.tree.flatten(model.predict(x, batch_size=BATCH, verbose=0))
+    weights = [np.asarray(to_host(v.value)) for v in model.weights]
+    return np.array(losses, dtype="float64"), weights, evaluated, predicted, model
+
+
+@functools.lru_cache(maxsize=None)
+def reference(model_name, optimizer_name):
+    return train(model_name, optimizer_name)
+
+
+def assert_same(reference_run, sharded_run):
+    ref_losses, ref_weights, ref_eval, ref_pred, _ = reference_run
+    losses, weights, evaluated, predicted, _ = sharded_run
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg="loss per step")
+    assert len(weights) == len(ref_weights)
+    # 1e-5 relative, with the floor relative to the model's weight scale: a weight whose true gradient
+    # is zero (attention's key bias: softmax ignores it) holds only float noise, ~1e-6 after Adam.
+    scale = max(float(np.max(np.abs(w))) for w in ref_weights if w.size)
+    for index, (got, want) in enumerate(zip(weights, ref_weights)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=f"weight {index}")
+    assert set(evaluated) == set(ref_eval)
+    np.testing.assert_allclose(evaluated["loss"], ref_eval["loss"], rtol=1e-5)
+    if "accuracy" in ref_eval:
+        assert evaluated["accuracy"] == pytest.approx(ref_eval["accuracy"])
+    for got, want in zip(predicted, ref_pred):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
+
+
+@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_sharded_training_equals_single_device(model_name, strategy, optimizer_name):
+    run = train(model_name, optimizer_name, strategy)
+    assert_same(reference(model_name, optimizer_name), run)
+    model = run[-1]
+    assert set(keras_lwp.strategy_of(model)) == {layer.name for layer in model.layers}
+
+
+def test_partial_last_batch_is_trained_not_dropped():
+    """40 samples in batches of 16: the last batch of 8 runs with the sample split that divides it."""
+    reference_run = train("mlp", "adam", samples=40)
+    run = train("mlp", "adam", strategy="auto", samples=40)
+    assert len(run[0]) == 3
+    assert_same(reference_run, run)
+
+
+def test_compile_before_parallelize_works_too():
+    keras.utils.set_random_seed(7)
+    model = models.mlp()
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy="owt", batch_size=BATCH)
+    x, y = make_data(model, BATCH * STEPS)
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    ref_losses = reference("mlp", "adam")[0]
+    # The logged loss is the running mean over the epoch, as Keras reports it.
+    np.testing.assert_allclose(history.history["loss"][-1], ref_losses[-1], rtol=1e-5)

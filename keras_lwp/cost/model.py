@@ -69,6 +69,7 @@ class AnalyticCostModel(CostModel):
         self.mesh = mesh
         self.profile = get_profile(profile, mesh)
         self._slowdown = self.profile.compute_slowdown(mesh)
+        self._relayouts = {}
 
     def __repr__(self):
         return f"AnalyticCostModel({self.mesh}, profile={self.profile.name!r})"
@@ -147,13 +148,22 @@ class AnalyticCostModel(CostModel):
         channels = info.output.shape[-1] / self._split_of(tuple(a for d, a in place.config.items() if d == "channel"))
         return 2 * allreduce_time(2 * 4 * channels, axes, self.mesh, self.profile)
 
+    def _coefficients(self, src, dst):
+        """(seconds per tensor byte, fixed seconds) of a relayout, cached per model: the key is two
+        small tuples, cheaper to hash than the (mesh, profile) a global cache would need."""
+        key = (src, dst)
+        found = self._relayouts.get(key)
+        if found is None:
+            found = self._relayouts[key] = relayout_coefficients(src, dst, self.mesh, self.profile)
+        return found
+
     def transfer_table(self, tensor, src_layouts, dst_layouts):
-        coefficients = np.array([[relayout_coefficients(s, d, self.mesh, self.profile) for d in dst_layouts]
-                                 for s in src_layouts]).reshape(len(src_layouts), len(dst_layouts), 2)
-        table = coefficients[..., 0] * tensor.nbytes + coefficients[..., 1]
+        forward = np.array([[self._coefficients(s, d) for d in dst_layouts] for s in src_layouts])
+        forward = forward.reshape(len(src_layouts), len(dst_layouts), 2)
+        table = forward[..., 0] * tensor.nbytes + forward[..., 1]
         if _is_float(tensor.dtype):  # the gradient travels back
-            back = np.array([[relayout_coefficients(d, s, self.mesh, self.profile) for d in dst_layouts]
-                             for s in src_layouts]).reshape(len(src_layouts), len(dst_layouts), 2)
+            back = np.array([[self._coefficients(d, s) for d in dst_layouts] for s in src_layouts])
+            back = back.reshape(len(src_layouts), len(dst_layouts), 2)
             table += back[..., 0] * tensor.nbytes + back[..., 1]
         return table
 

@@ -194,16 +194,50 @@ def to_host(value):
 
 
 def _variable_to_mesh(variable, spec, mesh):
-    """Back a Keras variable by a DVariable with layout `spec`, keeping its value."""
+    """Back a Keras variable by a DVariable with layout `spec`, keeping its value; reading it to the
+    host (numpy, get_weights, save) gathers it and assigning a host value shards it."""
     from tensorflow.experimental import dtensor
 
     value = variable._value
     if isinstance(value, dtensor.DVariable):
         return
-    layout = dtensor_layout(spec, mesh)
     variable._value = dtensor.DVariable(to_mesh(value.read_value(), spec, mesh), trainable=variable.trainable,
                                         name=variable.path.replace("/", "_"))
-    variable._layout = layout
+    variable._layout = dtensor_layout(spec, mesh)
+    variable.__class__ = _sharded_class(type(variable))
+
+
+_SHARDED_CLASSES = {}
+
+
+def _sharded_class(base):
+    """A subclass of Keras' TF Variable whose host-side reads and writes go through the mesh."""
+    if base in _SHARDED_CLASSES.values():
+        return base
+    if base not in _SHARDED_CLASSES:
+        import tensorflow as tf
+        from tensorflow.experimental import dtensor
+
+        class MeshVariable(base):
+            def numpy(self):
+                return np.asarray(to_host(self._value))
+
+            def __array__(self, dtype=None, copy=None):
+                return np.asarray(to_host(self._value), dtype=dtype)
+
+            def _direct_assign(self, value):
+                if tf.executing_eagerly() and not dtensor.is_dtensor(value):
+                    value = to_mesh(tf.cast(value, self._value.dtype), spec_of(self._layout), self._layout.mesh)
+                self._value.assign(value)
+
+        MeshVariable.__name__ = MeshVariable.__qualname__ = f"Mesh{base.__name__}"
+        _SHARDED_CLASSES[base] = MeshVariable
+    return _SHARDED_CLASSES[base]
+
+
+def spec_of(layout):
+    """A dtensor.Layout as keras_lwp's tuple form (mesh axis or None per tensor axis)."""
+    return tuple(None if s == "unsharded" else s for s in layout.sharding_specs)
 
 
 def _apply(graph, plan, mesh):
@@ -298,22 +332,26 @@ def _move_state_to_mesh(model):
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
         if not optimizer.built:
-            # Keras' TF optimizer creates slots colocated with their weight, which on a DVariable
-            # yields a plain variable holding a DTensor that DTensor then mis-shapes. Build the
-            # slots as ordinary host variables (they keep the weight's `_layout`) and move them below.
-            from keras.src.optimizers.base_optimizer import BaseOptimizer
-
-            optimizer.add_variable_from_reference = types.MethodType(
-                BaseOptimizer.add_variable_from_reference, optimizer)
+            _host_slots(optimizer)
             optimizer.build(model.trainable_variables)
         variables += list(optimizer.variables)
     for metric in model.metrics:
         variables += list(metric.variables)
     for variable in variables:
         layout = getattr(variable, "_layout", None)
-        spec = tuple(None if s == "unsharded" else s for s in layout.sharding_specs) if layout is not None else \
-            (None,) * len(variable.shape)
-        _variable_to_mesh(variable, spec, mesh)
+        _variable_to_mesh(variable, spec_of(layout) if layout is not None else (None,) * len(variable.shape), mesh)
+
+
+def _host_slots(optimizer):
+    """Keras' TF optimizer creates slots colocated with their weight, which on a DVariable yields a
+    plain variable holding a DTensor that DTensor then mis-shapes. Build slots as ordinary host
+    variables instead (they keep the weight's `_layout`); `_move_state_to_mesh` moves them."""
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    optimizer.add_variable_from_reference = types.MethodType(BaseOptimizer.add_variable_from_reference, optimizer)
+    inner = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer under mixed precision
+    if inner is not None:
+        _host_slots(inner)
 
 
 def _batch_to_mesh(model, data):
@@ -325,13 +363,20 @@ def _batch_to_mesh(model, data):
     plan, graph = state.strategy, state.graph
     input_names = graph.graph["inputs"]
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    flat_x = keras.tree.flatten(x)
-    placed_x = []
-    for name, value in zip(input_names, flat_x):
+
+    def place(name, value):
         info = graph.nodes[name]["info"]
         spec = Placement(info, dimensions_of(info), plan[name], plan.mesh).output_layout(_shape_info(value))
-        placed_x.append(to_mesh(value, spec, state.mesh))
-    x = keras.tree.pack_sequence_as(x, placed_x)
+        return to_mesh(value, spec, state.mesh)
+
+    if isinstance(x, dict):  # named inputs: keys are the input layers' names
+        unknown = sorted(set(x) - set(input_names))
+        if unknown:
+            raise ValueError(f"The data names inputs {unknown} that the model does not have; its inputs are "
+                             f"{input_names}. Key the input dict by those names.")
+        x = {key: place(key, value) for key, value in x.items()}
+    else:
+        x = keras.tree.pack_sequence_as(x, [place(n, v) for n, v in zip(input_names, keras.tree.flatten(x))])
     sample_axis = plan[input_names[0]].get("sample")
 
     def batch_split(value):
@@ -355,30 +400,36 @@ def _step_function(model, step):
 def _make_train_function(model, force=False):
     if model.train_function is not None and not force:
         return model.train_function
-    _move_state_to_mesh(model)
-    step = _step_function(model, lambda data: model.train_step(data) and None)
-
-    def function(iterator):
-        for _ in range(model.steps_per_execution):
-            step(_batch_to_mesh(model, next(iterator)))
-        return _host_logs(model.get_metrics_result())
-
-    model.train_function = function
-    return function
+    model.train_function = _stepper(model, model.train_step)
+    return model.train_function
 
 
 def _make_test_function(model, force=False):
     if model.test_function is not None and not force:
         return model.test_function
-    _move_state_to_mesh(model)
-    step = _step_function(model, lambda data: model.test_step(data) and None)
+    model.test_function = _stepper(model, model.test_step)
+    return model.test_function
+
+
+def _stepper(model, step_function):
+    """A Keras train/test function: one sharded batch at a time, metrics read after the step."""
+    step = _step_function(model, lambda data: step_function(data) and None)
+    ready = []
 
     def function(iterator):
         for _ in range(model.steps_per_execution):
-            step(_batch_to_mesh(model, next(iterator)))
+            batch = next(iterator)
+            if not ready:
+                # Keras builds compile metrics lazily inside the first step; built there, their
+                # variables would not be on the mesh (accuracy's count came out 7x too large).
+                if getattr(model, "optimizer", None) is not None and not model.optimizer.built:
+                    _host_slots(model.optimizer)
+                model._symbolic_build(data_batch=batch)
+                _move_state_to_mesh(model)
+                ready.append(True)
+            step(_batch_to_mesh(model, batch))
         return _host_logs(model.get_metrics_result())
 
-    model.test_function = function
     return function
 
 

@@ -95,9 +95,11 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
         strategy = Strategy.from_json(strategy)
     plan = plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict)
     run_mesh = _mesh_for(plan.mesh, dmesh)
+    model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
+    if spec.size == 1:
+        return model  # one device: nothing to shard, so no DTensor machinery either (and no overhead)
     _apply(graph, plan, run_mesh)
     _wrap_model_outputs(model, graph, plan, run_mesh)
-    model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
     _install_functions(model)
     return model
 
@@ -161,21 +163,24 @@ def to_mesh(value, spec, mesh):
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
-    value = tf.convert_to_tensor(value)
+    if tf.is_tensor(value) and dtensor.is_dtensor(value):  # e.g. an optimizer slot Keras built from a DVariable
+        return dtensor.relayout(value, dtensor_layout(_fit(spec, tuple(value.shape), mesh_spec_of(mesh)), mesh))
+    array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
     mesh_spec = mesh_spec_of(mesh)
-    spec = _fit(spec, tuple(value.shape), mesh_spec)
-    if dtensor.is_dtensor(value):  # e.g. an optimizer slot Keras built from a DVariable
-        return dtensor.relayout(value, dtensor_layout(spec, mesh))
+    spec = _fit(spec, array.shape, mesh_spec)
     sizes = [s for _, s in mesh_spec.axes]
     components = []
     for device in range(mesh_spec.size):
         coords = np.unravel_index(device, sizes)
-        block = value
+        block = []
         for axis, mesh_axis in enumerate(spec):
-            if mesh_axis is not None:
+            if mesh_axis is None:
+                block.append(slice(None))
+            else:
                 index = mesh_spec.axis_names.index(mesh_axis)
-                block = tf.split(block, sizes[index], axis=axis)[coords[index]]
-        components.append(block)
+                width = array.shape[axis] // sizes[index]
+                block.append(slice(coords[index] * width, (coords[index] + 1) * width))
+        components.append(array[tuple(block)])  # a view: no copy on the host
     return dtensor.pack(components, dtensor_layout(spec, mesh))
 
 
@@ -414,6 +419,10 @@ def _make_test_function(model, force=False):
 def _stepper(model, step_function):
     """A Keras train/test function: one sharded batch at a time, metrics read after the step."""
     step = _step_function(model, lambda data: step_function(data) and None)
+    # Results are read in a function of their own, after the step: read inside the step's DTensor
+    # function they came from before the update. They stay replicated DTensors (no host copy, no
+    # wait) until a callback reads them.
+    results = _step_function(model, model.get_metrics_result)
     ready = []
 
     def function(iterator):
@@ -428,7 +437,7 @@ def _stepper(model, step_function):
                 _move_state_to_mesh(model)
                 ready.append(True)
             step(_batch_to_mesh(model, batch))
-        return _host_logs(model.get_metrics_result())
+        return results()
 
     return function
 
@@ -448,10 +457,6 @@ def _make_predict_function(model, force=False):
 
     model.predict_function = function
     return function
-
-
-def _host_logs(logs):
-    return {k: to_host(v) for k, v in logs.items()}
 
 
 __all__ = ["parallelize", "strategy_of", "to_host", "to_mesh"]

@@ -23,7 +23,7 @@ import types
 import numpy as np
 
 from keras_lwp.graph import layer_graph
-from keras_lwp.layers import Placement, dimensions_of
+from keras_lwp.layers import Placement, dimensions_of, registered_rule
 from keras_lwp.mesh import make_mesh, mesh_spec_of
 from keras_lwp.planner import plan_graph, _batch_size
 from keras_lwp.strategy import Strategy
@@ -258,12 +258,16 @@ def _apply(graph, plan, mesh):
 
 
 def _wrap_call(layer, place, mesh):
-    """Relayout the inputs to what the configuration needs and the output to its layout."""
+    """Relayout the inputs to what the configuration needs and the output to its layout; where the
+    layer's rule implements a split DTensor refuses, run that implementation instead of `call`."""
     import keras
     import tensorflow as tf
 
     original = layer.call
-    info = place.info
+    implementation = registered_rule(place.info).implementation(place.info, place.config)
+    if implementation is not None:
+        def original(*args, _implementation=implementation, **kwargs):
+            return _implementation(layer, place, mesh, *args, **kwargs)
 
     def call(*args, **kwargs):
         inputs = args[0] if args else None
@@ -281,9 +285,8 @@ def _wrap_call(layer, place, mesh):
         return keras.tree.map_structure(
             lambda t: relayout_to(t, place.output_layout(_shape_info(t)), mesh) if tf.is_tensor(t) else t, outputs)
 
+    layer._keras_lwp_original_call = layer.call
     layer.call = call
-    layer._keras_lwp_original_call = original
-    del info
 
 
 def _wrap_model_outputs(model, graph, plan, mesh):

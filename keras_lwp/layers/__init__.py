@@ -11,11 +11,12 @@ from keras_lwp.layers.base import (
     dimensions_of,
     has_rule,
     register_rule,
+    registered_rule,
     rule_for,
     runnable_dims,
 )
 
 __all__ = [
     "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations", "dimensions_of",
-    "has_rule", "register_rule", "rule_for", "runnable_dims",
+    "has_rule", "register_rule", "registered_rule", "rule_for", "runnable_dims",
 ]

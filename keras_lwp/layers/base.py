@@ -58,13 +58,17 @@ class LayerRule:
     `dimensions(info)` lists the DimSpecs; `forward_flops(info, call)` the work of one call.
     """
 
-    # Convolutions and pooling that DTensor does not shard by itself on CPU/GPU meshes set this;
-    # issue-4 implementations register here.
     def dimensions(self, info):
         raise NotImplementedError
 
     def forward_flops(self, info, call):
         return float(sum(_numel(t.shape) for t in call.outputs))
+
+    def implementation(self, info, config):
+        """How to run the layer under `config` when DTensor cannot shard its own call: a function
+        `(layer, placement, mesh, *call_args, **call_kwargs) -> outputs` built from ops DTensor does
+        shard, or None to run the layer's call (DTensor propagates the layouts)."""
+        return None
 
 
 _RULES = {}
@@ -115,9 +119,14 @@ def rule_for(info, strict=False, warned=None):
     return _REPLICATED_RULE
 
 
+def registered_rule(info):
+    """The rule for a layer, replicated for unknown classes, without a warning (the plan warned)."""
+    return _RULES.get(info.class_name, _REPLICATED_RULE)
+
+
 def dimensions_of(info, space="runnable"):
     """A layer's DimSpecs (quietly: the plan already warned about layers with no rule)."""
-    dims = _RULES.get(info.class_name, _REPLICATED_RULE).dimensions(info)
+    dims = registered_rule(info).dimensions(info)
     return dims if space == "full" else runnable_dims(dims)
 
 

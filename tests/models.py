@@ -61,3 +61,16 @@ def wide_head(features=1024, width=8192, classes=1000):
     x = keras.layers.Dense(width, activation="relu")(inputs)
     x = keras.layers.Dense(width, activation="relu")(x)
     return keras.Model(inputs, keras.layers.Dense(classes)(x), name="wide_head")
+
+
+def mobile_block(size=8):
+    """DepthwiseConv2D, AveragePooling2D and BatchNormalization: layers DTensor cannot differentiate
+    sharded, so keras_lwp keeps them whole."""
+    inputs = keras.Input((size, size, 4), name="image")
+    x = keras.layers.Conv2D(8, 1, name="expand")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    x = keras.layers.AveragePooling2D(2, name="avgpool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(5, name="head")(x), name="mobile_block")

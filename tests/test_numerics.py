@@ -25,6 +25,7 @@ MODELS = {
     "cnn": models.small_cnn,
     "branchy": models.branchy,
     "transformer": models.transformer_block,
+    "mobile": models.mobile_block,
 }
 OPTIMIZERS = {
     "adam": lambda: keras.optimizers.Adam(1e-3),
@@ -89,12 +90,22 @@ def assert_same(reference_run, sharded_run):
 
 @pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("model_name", sorted(set(MODELS) - {"mobile"}))
 def test_sharded_training_equals_single_device(model_name, strategy, optimizer_name):
     run = train(model_name, optimizer_name, strategy)
     assert_same(reference(model_name, optimizer_name), run)
     model = run[-1]
     assert set(keras_lwp.strategy_of(model)) == {layer.name for layer in model.layers}
+
+
+@pytest.mark.parametrize("strategy", ["data", "auto"])
+def test_layers_dtensor_cannot_differentiate_sharded_stay_exact(strategy):
+    """DepthwiseConv2D's filter gradient and AveragePooling2D's gradient have no DTensor layout rule;
+    run on a batch split they trained wrong (MobileNetV2 kernels off by 2e-2), so they stay whole."""
+    run = train("mobile", "momentum", strategy)
+    assert_same(reference("mobile", "momentum"), run)
+    plan = keras_lwp.strategy_of(run[-1])
+    assert plan["depthwise"] == {} and plan["avgpool"] == {}
 
 
 def test_partial_last_batch_is_trained_not_dropped():

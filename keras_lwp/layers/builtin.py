@@ -215,6 +215,16 @@ class ConvRule(_WindowRule):
 
 @register_rule("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")
 class PoolRule(_WindowRule):
+    """Pooling windows: sample, spatial (halo of window - stride) and channel."""
+
+    def dimensions(self, info):
+        dims = super().dimensions(info)
+        if info.class_name.startswith("Average"):
+            # AvgPoolGrad has no DTensor layout rule; run "replicated" on a batch-split gradient it
+            # trained InceptionV3's pooled branches wrong (kernels off by 7e-2). Costed, not run.
+            dims = [DimSpec(d.name, d.size, d.output, d.inputs, d.weights, d.halo, d.stats, False) for d in dims]
+        return dims
+
     def window(self, info):
         rank = len(info.output.shape) - 2
         pool = _tuple(info.config["pool_size"], rank)
@@ -232,11 +242,13 @@ class PoolRule(_WindowRule):
 @register_rule("DepthwiseConv2D", "SeparableConv2D", "SeparableConv1D", "DepthwiseConv1D",
                "Conv2DTranspose", "Conv1DTranspose")
 class SampleOnlyConvRule(ConvRule):
-    """Convolutions planned along the sample only (DTensor has no sharding of their other dims)."""
+    """Convolutions DTensor cannot differentiate sharded: DepthwiseConv2dNativeBackpropFilter has no
+    layout rule, and run "replicated" on a batch-split input it returned one shard's gradient
+    (MobileNetV2's depthwise kernels trained off by 2e-2). The sample split is costed but not run."""
 
     def dimensions(self, info):
         y = info.output
-        return [DimSpec("sample", y.shape[0], 0, (0,), tuple(None for _ in info.weights))]
+        return [DimSpec("sample", y.shape[0], 0, (0,), tuple(None for _ in info.weights), native=False)]
 
     def forward_flops(self, info, call):
         kernels = sum(math.prod(w.shape) for w in info.weights if "kernel" in w.name)

@@ -11,8 +11,9 @@ What it does to the model (DESIGN.md, "Measured facts"):
   Keras' symbolic build, so compile may come before or after parallelize);
 - Keras' TF train/test/predict functions wrap steps in `tf.experimental.Optional`, which DTensor
   cannot lay out; ours take one batch at a time from the same iterator, shard it along the batch
-  and run the stock `train_step`/`test_step`/`predict_step` in a `tf.function`. Metrics are read after
-  the step (reading them in the same DTensor function returned values from before the update).
+  and run the stock `train_step`/`test_step`/`predict_step` in a `tf.function`. Compile metrics are
+  built (and moved to the mesh) before the first step: Keras builds them lazily inside it, where their
+  variables would stay off the mesh and count wrong.
 A batch whose size a mesh axis does not divide (the last partial batch) runs with the sample
 dimension replicated along that axis: same numbers, nothing dropped.
 """
@@ -45,6 +46,7 @@ class ParallelizedModel:
         self.strategy = strategy
         self.mesh = mesh
         self.graph = graph
+        self.input_specs = {}  # (input name, rank) -> layout the batch is packed with
 
 
 def strategy_of(model):
@@ -134,10 +136,17 @@ def _mesh_for(plan_mesh, dmesh):
     return dtensor.create_mesh(list(plan_mesh.axes), devices=devices, device_type=dmesh.device_type())
 
 
+_LAYOUTS = {}
+
+
 def dtensor_layout(spec, mesh):
+    """The dtensor.Layout of a keras_lwp layout tuple (cached: every batch is packed with one)."""
     from tensorflow.experimental import dtensor
 
-    return dtensor.Layout([dtensor.UNSHARDED if a is None else a for a in spec], mesh)
+    key = (tuple(spec), id(mesh))
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = (mesh, dtensor.Layout([dtensor.UNSHARDED if a is None else a for a in spec], mesh))
+    return _LAYOUTS[key][1]
 
 
 def _fit(spec, shape, mesh_spec):
@@ -270,6 +279,7 @@ def _wrap_call(layer, place, mesh):
         def original(*args, _implementation=implementation, **kwargs):
             return _implementation(layer, place, mesh, *args, **kwargs)
 
+    @tf.autograph.experimental.do_not_convert
     def call(*args, **kwargs):
         inputs = args[0] if args else None
         rest = args[1:]
@@ -299,6 +309,7 @@ def _wrap_model_outputs(model, graph, plan, mesh):
     original = model.call
     sample_axis = plan[graph.graph["inputs"][0]].get("sample")
 
+    @tf.autograph.experimental.do_not_convert
     def call(*args, **kwargs):
         outputs = original(*args, **kwargs)
         return keras.tree.map_structure(
@@ -374,9 +385,12 @@ def _batch_to_mesh(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
 
     def place(name, value):
-        info = graph.nodes[name]["info"]
-        spec = Placement(info, dimensions_of(info), plan[name], plan.mesh).output_layout(_shape_info(value))
-        return to_mesh(value, spec, state.mesh)
+        key = (name, len(value.shape))
+        if key not in state.input_specs:
+            info = graph.nodes[name]["info"]
+            placement = Placement(info, dimensions_of(info), plan[name], plan.mesh)
+            state.input_specs[key] = placement.output_layout(_shape_info(value))
+        return to_mesh(value, state.input_specs[key], state.mesh)
 
     if isinstance(x, dict):  # named inputs: keys are the input layers' names
         unknown = sorted(set(x) - set(input_names))
@@ -421,12 +435,10 @@ def _make_test_function(model, force=False):
 
 
 def _stepper(model, step_function):
-    """A Keras train/test function: one sharded batch at a time, metrics read after the step."""
-    step = _step_function(model, lambda data: step_function(data) and None)
-    # Results are read in a function of their own, after the step: read inside the step's DTensor
-    # function they came from before the update. They stay replicated DTensors (no host copy, no
-    # wait) until a callback reads them.
-    results = _step_function(model, model.get_metrics_result)
+    """A Keras train/test function: one sharded batch at a time through Keras' own step."""
+    # The step returns the metric results as replicated DTensors: no host copy, no wait until a
+    # callback reads them.
+    step = _step_function(model, step_function)
     ready = []
 
     def function(iterator):
@@ -440,8 +452,8 @@ def _stepper(model, step_function):
                 model._symbolic_build(data_batch=batch)
                 _move_state_to_mesh(model)
                 ready.append(True)
-            step(_batch_to_mesh(model, batch))
-        return results()
+            logs = step(_batch_to_mesh(model, batch))
+        return logs
 
     return function
 

@@ -76,32 +76,29 @@ class ElementwiseRule(LayerRule):
         return float(sum(math.prod(t.shape) for t in call.outputs) * max(1, len(call.inputs)))
 
 
-@register_rule("Softmax")
-class SoftmaxRule(ElementwiseRule):
+class _ReducingRule(ElementwiseRule):
+    """Pointwise layers that reduce over their `axis` (config): those axes stay whole."""
+
+    flops_per_element = 5.0
+
     def skip(self, info):
         axis = info.config.get("axis", -1)
         return tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
 
     def forward_flops(self, info, call):
-        return 5.0 * math.prod(call.outputs[0].shape)
+        return self.flops_per_element * math.prod(call.outputs[0].shape)
 
 
-@register_rule("Concatenate")
-class ConcatenateRule(ElementwiseRule):
-    def skip(self, info):
-        return (info.config.get("axis", -1),)
+@register_rule("Softmax", "Concatenate")
+class AxisRule(_ReducingRule):
+    """Softmax normalizes along `axis`; Concatenate joins along it."""
 
 
 @register_rule("LayerNormalization")
-class LayerNormalizationRule(ElementwiseRule):
+class LayerNormalizationRule(_ReducingRule):
     """Normalizes over its axes, which stay whole; gamma/beta gradients sync over the rest."""
 
-    def skip(self, info):
-        axis = info.config.get("axis", -1)
-        return tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
-
-    def forward_flops(self, info, call):
-        return 8.0 * math.prod(call.outputs[0].shape)
+    flops_per_element = 8.0
 
 
 @register_rule("BatchNormalization")

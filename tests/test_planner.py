@@ -60,9 +60,10 @@ def test_baselines_are_what_the_paper_calls_them():
     assert owt["conv1"] == Config({"sample": "xy"}) and owt["fc1"] == Config({"channel": "xy"})
     model_parallel = keras_lwp.search(model, MESH, batch_size=32, strategy="model", space="full")
     assert model_parallel["conv2"] == Config({"channel": "xy"}) and model_parallel["image"] == Config()
-    # DTensor does not split a convolution's channels by itself: the runnable space leaves it whole.
+    # A convolution's channel split runs through keras_lwp.layers.hidden; pooling's does not.
     runnable = keras_lwp.search(model, MESH, batch_size=32, strategy="model")
-    assert runnable["conv2"] == Config() and runnable["fc1"] == Config({"channel": "xy"})
+    assert runnable["conv2"] == Config({"channel": "xy"}) and runnable["fc1"] == Config({"channel": "xy"})
+    assert runnable["pool1"] == Config()
 
 
 def test_cost_parts_add_up_and_summary_reads():

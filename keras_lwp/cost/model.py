@@ -120,7 +120,8 @@ class AnalyticCostModel(CostModel):
 
     def halo_bytes(self, place, call):
         """Bytes one device receives per pass for the halos of its spatial splits: `halo` rows
-        (kernel extent minus stride) of its input block from its neighbours."""
+        (kernel extent minus stride) per block, from every block on the axis, since DTensor's
+        all-gather of the edge rows delivers all of them (keras_lwp.layers.hidden)."""
         total = 0.0
         x = call.inputs[0]
         layout = place.input_layout(0, x)
@@ -129,7 +130,8 @@ class AnalyticCostModel(CostModel):
                 continue
             position = layout.index(axis)
             others = self._split_of(layout) / self.mesh.axis_size(axis)
-            total += dim.halo * x.nbytes / x.shape[position] / others
+            parts = self.mesh.axis_size(axis)
+            total += (parts - 1) * dim.halo * x.nbytes / x.shape[position] / others
         return total
 
     def _halo_time(self, place, call):

@@ -1,6 +1,7 @@
 """Per-layer-type parallelization rules, registered in one place (see `base` and `builtin`)."""
 
 from keras_lwp.layers import builtin  # noqa: F401  (registers the built-in rules)
+from keras_lwp.layers import hidden  # noqa: F401  (Conv1D/Conv2D channel and spatial splits DTensor refuses)
 from keras_lwp.layers.base import (
     DimSpec,
     LayerRule,

@@ -30,7 +30,7 @@ BASELINES = ("data", "model", "owt")
 
 
 def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profile=None,
-           cost_model=None, strict=False, space="runnable"):
+           cost_model=None, strict=False, space="runnable", hidden_dimensions=False):
     """Plan a parallelization of `model` over `mesh` without touching the model.
 
     Args:
@@ -47,8 +47,12 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
         cost_model: a keras_lwp.cost.CostModel (overrides `profile`), built for `mesh`.
         strict: raise instead of planning a layer with no rule as replicated.
         space: "runnable" plans only the splits keras_lwp runs on DTensor today (what `parallelize`
-            executes); "full" adds the rest of every rule's dimensions (the paper's whole space:
-            a convolution's channels and rows), for planning and simulation.
+            executes); "full" adds the rest of every rule's dimensions (the paper's whole space),
+            for planning and simulation.
+        hidden_dimensions: let "auto" choose splits keras_lwp computes itself because DTensor
+            refuses them (a convolution's channels and rows). Off by default: on the emulated CPU
+            mesh the analytic cost model rates them faster than they run (issue 5 calibrates it).
+            Overrides and explicit strategies may use them either way.
 
     Returns:
         A Strategy with its predicted cost (`strategy.cost`) and memory.
@@ -56,11 +60,12 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
     spec = mesh_spec_of(mesh)
     batch_size = _batch_size(model, spec, batch_size)
     graph = layer_graph(model, batch_size)
-    return plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict, space)
+    return plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict, space,
+                      hidden_dimensions)
 
 
 def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile=None, cost_model=None,
-               strict=False, space="runnable"):
+               strict=False, space="runnable", hidden_dimensions=False):
     """`search` from an already-read layer graph (keras_lwp.graph.layer_graph) and a MeshSpec."""
     spec = mesh_spec_of(mesh)
     if space not in ("runnable", "full"):
@@ -90,7 +95,7 @@ def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile
     best = None
     for mesh_spec in candidates:
         problem = problem_for(mesh_spec)
-        plan = problem.evaluate(problem.optimal(overrides or {}), "auto")
+        plan = problem.evaluate(problem.optimal(overrides or {}, hidden_dimensions or space == "full"), "auto")
         if best is None or plan.cost.total < best.cost.total:
             best = plan
     return best
@@ -195,14 +200,20 @@ class Problem:
         return g
 
     # -- strategies ----------------------------------------------------------------------------
-    def optimal(self, overrides):
-        allowed = dict(self.configs)
+    def optimal(self, overrides, hidden_dimensions=True):
+        allowed = dict(self.configs) if hidden_dimensions else {
+            name: [c for c in configs if not self._implemented(name, c)] for name, configs in self.configs.items()}
         for name, config in self._resolve_overrides(overrides).items():
             allowed[name] = [config]
         started = time.perf_counter()
         assignment, _ = layout_search.optimal_assignment(self.cost_graph(allowed))
         self.search_seconds = time.perf_counter() - started
         return assignment
+
+    def _implemented(self, name, config):
+        """Whether `config` uses a split the layer's rule computes itself (not DTensor's kernel)."""
+        implemented = {d.name for d in self.dims[name] if d.implemented}
+        return any(dim in implemented for dim in config)
 
     def _resolve_overrides(self, overrides):
         pinned = {}

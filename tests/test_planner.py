@@ -26,11 +26,26 @@ MODELS = {
 def test_auto_is_never_predicted_slower_than_a_baseline(name, profile):
     build, batch = MODELS[name]
     model = build()
-    auto = keras_lwp.search(model, MESH, batch_size=batch, profile=profile)
+    auto = keras_lwp.search(model, MESH, batch_size=batch, profile=profile, hidden_dimensions=True)
     assert set(auto) == {layer for layer in auto.layers}
     for baseline in ("data", "model", "owt"):
         other = keras_lwp.search(model, MESH, batch_size=batch, strategy=baseline, profile=profile)
         assert auto.cost.total <= other.cost.total * (1 + 1e-9), (baseline, other.summary(), auto.summary())
+    # Without keras_lwp's own convolution splits, auto still beats the baselines that need none.
+    default = keras_lwp.search(model, MESH, batch_size=batch, profile=profile)
+    assert default.cost.total >= auto.cost.total * (1 - 1e-9)
+    for baseline in ("data", "owt"):
+        other = keras_lwp.search(model, MESH, batch_size=batch, strategy=baseline, profile=profile)
+        assert default.cost.total <= other.cost.total * (1 + 1e-9), (baseline, other.summary(), default.summary())
+
+
+def test_auto_uses_hidden_convolution_splits_only_when_asked():
+    model = models.small_cnn()
+    default = keras_lwp.search(model, MESH, batch_size=32)
+    for name in ("conv1", "conv2"):
+        assert set(default[name]) <= {"sample"}, default.summary()
+    pinned = keras_lwp.search(model, MESH, batch_size=32, overrides={"conv2": {"channel": "y"}})
+    assert pinned["conv2"] == Config({"channel": "y"})
 
 
 def test_regime_switch_conv_stack_is_data_parallel():

@@ -37,9 +37,11 @@ class DimSpec:
             partial sum over it: gradient synchronization).
         halo: elements of neighbouring data a split needs at each block edge (convolution windows).
         stats: the layer reduces statistics over this dimension (BatchNormalization).
-        native: TensorFlow DTensor runs this split by itself. Splits it refuses on CPU/GPU meshes
-            (a convolution's channels or rows, DESIGN.md) are costed and searched only when the
-            caller asks for the full space, until keras_lwp implements them.
+        native: the split runs: TensorFlow DTensor runs it by itself, or the rule's `implementation`
+            does. Splits nothing runs yet are costed and searched only in the full space.
+        implemented: the split runs through the rule's `implementation` (ops DTensor shards) rather
+            than the layer's own kernel. "auto" picks such splits only with hidden_dimensions=True;
+            overrides and explicit strategies may always use them.
     """
 
     name: str
@@ -50,6 +52,7 @@ class DimSpec:
     halo: int = 0
     stats: bool = False
     native: bool = True
+    implemented: bool = False
 
 
 class LayerRule:
@@ -63,6 +66,11 @@ class LayerRule:
 
     def forward_flops(self, info, call):
         return float(sum(_numel(t.shape) for t in call.outputs))
+
+    def compute_slowdown(self, info, config):
+        """How much slower than the layer's own kernel its compute runs under `config` (1.0 unless
+        `implementation` replaces the kernel); the cost model multiplies t_c by it."""
+        return 1.0
 
     def implementation(self, info, config):
         """How to run the layer under `config` when DTensor cannot shard its own call: a function

@@ -295,7 +295,7 @@ def _wrap_call(layer, place, mesh):
                 kwargs[key] = _relayout_input(place, index, kwargs[key], mesh)
         outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
         return keras.tree.map_structure(
-            lambda t: relayout_to(t, place.output_layout(_shape_info(t)), mesh) if tf.is_tensor(t) else t, outputs)
+            lambda t: relayout_to(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
 
     layer._keras_lwp_original_call = layer.call
     layer.call = call
@@ -320,21 +320,12 @@ def _wrap_model_outputs(model, graph, plan, mesh):
     model.call = call
 
 
-class _ShapeOnly:
-    def __init__(self, shape):
-        self.shape = shape
-
-
-def _shape_info(tensor):
-    return _ShapeOnly(tuple(tensor.shape))
-
-
 def _relayout_input(place, index, tensor, mesh):
     import tensorflow as tf
 
     if not tf.is_tensor(tensor) or index >= len(place.info.calls[0].inputs):
         return tensor
-    return relayout_to(tensor, place.input_layout(index, _shape_info(tensor)), mesh)
+    return relayout_to(tensor, place.input_layout(index, tensor), mesh)
 
 
 # -- train / test / predict functions -----------------------------------------------------------
@@ -390,7 +381,7 @@ def _batch_to_mesh(model, data):
         if key not in state.input_specs:
             info = graph.nodes[name]["info"]
             placement = Placement(info, dimensions_of(info), plan[name], plan.mesh)
-            state.input_specs[key] = placement.output_layout(_shape_info(value))
+            state.input_specs[key] = placement.output_layout(value)
         return to_mesh(value, state.input_specs[key], state.mesh)
 
     if isinstance(x, dict):  # named inputs: keys are the input layers' names

@@ -82,7 +82,6 @@ class AnalyticCostModel(CostModel):
         place = Placement(info, dims, config, self.mesh)
         shards = place.shards()
         has_weights = any(w.trainable for w in info.weights)
-        slowdown = rule.compute_slowdown(info, config)
         compute = transfer = 0.0
         activation_bytes = 0.0
         for call in info.calls:
@@ -90,7 +89,7 @@ class AnalyticCostModel(CostModel):
             # Backward: input gradient (+ weight gradient when the layer has weights).
             flops *= 3.0 if has_weights else 2.0
             io_bytes = sum(t.nbytes for t in call.inputs + call.outputs) / shards
-            compute += slowdown * self._roofline(flops, 3.0 * io_bytes)
+            compute += self._roofline(flops, 3.0 * io_bytes)
             out = call.outputs[0]
             out_shard = out.nbytes / self._split_of(place.output_layout(out))
             activation_bytes += sum(t.nbytes / self._split_of(place.output_layout(t)) for t in call.outputs)

@@ -67,11 +67,6 @@ class LayerRule:
     def forward_flops(self, info, call):
         return float(sum(_numel(t.shape) for t in call.outputs))
 
-    def compute_slowdown(self, info, config):
-        """How much slower than the layer's own kernel its compute runs under `config` (1.0 unless
-        `implementation` replaces the kernel); the cost model multiplies t_c by it."""
-        return 1.0
-
     def implementation(self, info, config):
         """How to run the layer under `config` when DTensor cannot shard its own call: a function
         `(layer, placement, mesh, *call_args, **call_kwargs) -> outputs` built from ops DTensor does

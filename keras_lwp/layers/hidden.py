@@ -152,19 +152,6 @@ class HiddenConvRule(ConvRule):
             result.append(dataclasses.replace(d, **changes) if changes else d)
         return result
 
-    # Measured by benchmarks/bench_halo.py (3x3 conv, N=32, 32x32, 64->128, 4x2 logical CPUs): against
-    # an 8-way batch split (25.2 ms), batch x height via the halo ran 47.1 ms and batch x out-channel
-    # 66.8 ms, with the same work per device: the hand-built kernels (im2col matmuls) and their
-    # relayouts are that much slower than DTensor's native convolution. Until the profiled cost model
-    # (issue 5) measures each layer, the analytic one uses these factors.
-    SLOWDOWN = {"spatial": 47.1 / 25.2, "channel": 66.8 / 25.2}
-
-    def compute_slowdown(self, info, config):
-        hidden = [d for d in config if d != "sample"]
-        if not hidden:
-            return 1.0
-        return max(self.SLOWDOWN["channel" if d == "channel" else "spatial"] for d in hidden)
-
     def implementation(self, info, config):
         hidden = [d for d in config if d != "sample"]
         if not hidden:

@@ -427,24 +427,49 @@ def _make_test_function(model, force=False):
 
 
 def _stepper(model, step_function):
-    """A Keras train/test function: one sharded batch at a time through Keras' own step."""
-    # The step returns the metric results as replicated DTensors: no host copy, no wait until a
-    # callback reads them.
+    """A Keras train/test function: one sharded batch at a time through Keras' own step.
+
+    The step returns the metric results as replicated DTensors, so no host copy. DTensor dispatches
+    a step asynchronously, so the next batch is taken and packed onto the mesh while the current
+    step runs; it is kept for the next call on the same iterator (Keras keeps one iterator across
+    epochs when steps_per_epoch is set)."""
+    import tensorflow as tf
+
     step = _step_function(model, step_function)
     ready = []
+    pending = []  # [iterator, its next batch packed (None if packing failed), the batch]
+
+    def take(iterator):
+        if pending:
+            source, packed, batch = pending
+            pending.clear()  # also drops a batch prefetched from an iterator Keras has let go
+            if source is iterator:
+                return packed if packed is not None else _batch_to_mesh(model, batch)
+        batch = next(iterator)
+        if not ready:
+            # Keras builds compile metrics lazily inside the first step; built there, their
+            # variables would not be on the mesh (accuracy's count came out 7x too large).
+            if getattr(model, "optimizer", None) is not None and not model.optimizer.built:
+                _host_slots(model.optimizer)
+            model._symbolic_build(data_batch=batch)
+            _move_state_to_mesh(model)
+            ready.append(True)
+        return _batch_to_mesh(model, batch)
+
+    def prefetch(iterator):
+        try:
+            batch = next(iterator)
+        except (StopIteration, tf.errors.OutOfRangeError):
+            return  # the next call's next() raises it again, where Keras expects it
+        try:
+            pending[:] = [iterator, _batch_to_mesh(model, batch), batch]
+        except Exception:  # take() packs it again and raises at its own step
+            pending[:] = [iterator, None, batch]
 
     def function(iterator):
         for _ in range(model.steps_per_execution):
-            batch = next(iterator)
-            if not ready:
-                # Keras builds compile metrics lazily inside the first step; built there, their
-                # variables would not be on the mesh (accuracy's count came out 7x too large).
-                if getattr(model, "optimizer", None) is not None and not model.optimizer.built:
-                    _host_slots(model.optimizer)
-                model._symbolic_build(data_batch=batch)
-                _move_state_to_mesh(model)
-                ready.append(True)
-            logs = step(_batch_to_mesh(model, batch))
+            logs = step(take(iterator))
+            prefetch(iterator)
         return logs
 
     return function

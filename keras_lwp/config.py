@@ -65,6 +65,9 @@ class Config(Mapping):
     def __len__(self):
         return len(self._items)
 
+    def items(self):  # the planner's hot path: skip Mapping's per-key lookups
+        return self._items
+
     def __hash__(self):
         return hash(self._items)
 

@@ -13,23 +13,26 @@ plan: it is never predicted slower than a baseline.
 """
 
 import fnmatch
+import math
 
 import networkx as nx
 import numpy as np
 
 from keras_lwp import layout_search
 from keras_lwp.config import REPLICATED, Config
+from keras_lwp.cost.devices import get_profile
+from keras_lwp.cost.memory import Memory, layer_memory
 from keras_lwp.cost.model import AnalyticCostModel, CostModel
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, check_dims, configurations, rule_for, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.strategy import LayerReport, Strategy, StrategyCost
+from keras_lwp.strategy import EdgeReport, LayerReport, Strategy, StrategyCost
 
 BASELINES = ("data", "model", "owt")
 
 
 def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profile=None,
-           cost_model=None, strict=False, space="runnable", hidden_dimensions=False):
+           cost_model=None, strict=False, space="runnable", hidden_dimensions=False, memory_limit=None):
     """Plan a parallelization of `model` over `mesh` without touching the model.
 
     Args:
@@ -52,6 +55,10 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
             refuses them (a convolution's channels and rows). Off by default: on the emulated CPU
             mesh the analytic cost model rates them faster than they run (issue 5 calibrates it).
             Overrides and explicit strategies may use them either way.
+        memory_limit: bytes one device may hold (keras_lwp.cost.memory: weights, gradients, Adam's
+            slots, activations kept for the backward pass), or "auto" for the device profile's
+            memory. "auto" then returns the fastest plan it finds that fits; any strategy that does
+            not fit raises MemoryLimitError naming the smallest footprint any plan reaches.
 
     Returns:
         A Strategy with its predicted cost (`strategy.cost`) and memory.
@@ -60,11 +67,15 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
     batch_size = _batch_size(model, spec, batch_size)
     graph = layer_graph(model, batch_size)
     return plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict, space,
-                      hidden_dimensions)
+                      hidden_dimensions, memory_limit)
+
+
+class MemoryLimitError(ValueError):
+    """No plan (or not the plan asked for) fits the memory limit of one device."""
 
 
 def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile=None, cost_model=None,
-               strict=False, space="runnable", hidden_dimensions=False):
+               strict=False, space="runnable", hidden_dimensions=False, memory_limit=None):
     """`search` from an already-read layer graph (keras_lwp.graph.layer_graph) and a MeshSpec."""
     spec = mesh_spec_of(mesh)
     if space not in ("runnable", "full"):
@@ -74,30 +85,71 @@ def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile
         raise TypeError(f"cost_model must be a keras_lwp.cost.CostModel. Received: {cost_model!r}")
     warned = set()  # one warning per unknown layer class per plan
 
+    problems = {}
+
     def problem_for(mesh_spec):
-        model_for_mesh = cost_model if cost_model is not None and cost_model.mesh == mesh_spec else None
-        return Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile), strict, warned,
-                       space)
+        if mesh_spec not in problems:
+            model_for_mesh = cost_model if cost_model is not None and cost_model.mesh == mesh_spec else None
+            problems[mesh_spec] = Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile),
+                                          strict, warned, space)
+        return problems[mesh_spec]
+
+    if memory_limit == "auto":
+        memory_limit = (cost_model.profile if cost_model is not None else get_profile(profile, spec)).memory_bytes
+    if memory_limit is not None and not (isinstance(memory_limit, (int, float)) and memory_limit > 0):
+        raise ValueError(f"memory_limit must be a number of bytes > 0 or 'auto'. Received: {memory_limit!r}")
 
     if isinstance(strategy, Strategy):
         problem = problem_for(strategy.mesh)
-        return problem.evaluate(problem.check_strategy(strategy), strategy.name)
-    if strategy in BASELINES:
+        plan = problem.evaluate(problem.check_strategy(strategy), strategy.name)
+    elif strategy in BASELINES:
         problem = problem_for(spec.flattened())
-        return problem.evaluate(problem.baseline(strategy), strategy)
-    if strategy != "auto":
+        plan = problem.evaluate(problem.baseline(strategy), strategy)
+    elif strategy != "auto":
         raise ValueError(
             f"strategy must be 'auto', one of {', '.join(BASELINES)}, or a keras_lwp.Strategy. "
             f"Received: {strategy!r}"
         )
-    candidates = [spec] if overrides or spec.flattened() == spec else [spec, spec.flattened()]
-    best = None
-    for mesh_spec in candidates:
-        problem = problem_for(mesh_spec)
-        plan = problem.evaluate(problem.optimal(overrides or {}, hidden_dimensions or space == "full"), "auto")
-        if best is None or plan.cost.total < best.cost.total:
-            best = plan
-    return best
+    else:
+        candidates = [spec] if overrides or spec.flattened() == spec else [spec, spec.flattened()]
+        plan = smallest = None
+        for mesh_spec in candidates:
+            problem = problem_for(mesh_spec)
+            try:
+                assignment = problem.optimal(overrides or {}, hidden_dimensions or space == "full", memory_limit)
+            except MemoryLimitError as error:
+                smallest = smallest if smallest is not None and smallest.memory <= error.smallest.memory else error.smallest
+                continue
+            candidate = problem.evaluate(assignment, "auto")
+            if plan is None or candidate.cost.total < plan.cost.total:
+                plan = candidate
+        if plan is None:
+            raise _memory_error(memory_limit, smallest)
+    if memory_limit is not None and plan.memory > memory_limit:
+        raise MemoryLimitError(
+            f"Strategy '{plan.name}' needs an estimated {plan.memory / 2**20:.1f} MiB per device, more than "
+            f"memory_limit={memory_limit / 2**20:.1f} MiB. Largest layers: {_largest_layers(plan)}. "
+            "Use strategy='auto', which searches for a plan that fits, or raise memory_limit.")
+    # Beside every layer, what data parallelism would cost it: the summary's yardstick.
+    flat = problem_for(spec.flattened())
+    data = plan if plan.name == "data" else flat.evaluate(flat.baseline("data"), "data")
+    plan.data_parallel = {name: report.total for name, report in data.layers.items()}
+    return plan
+
+
+def _largest_layers(plan, count=3):
+    largest = sorted(plan.layers.items(), key=lambda item: -item[1].memory)[:count]
+    return ", ".join(f"'{name}' {report.memory / 2**20:.1f} MiB" for name, report in largest)
+
+
+def _memory_error(memory_limit, smallest):
+    error = MemoryLimitError(
+        f"No plan fits memory_limit={memory_limit / 2**20:.1f} MiB per device: the smallest footprint any "
+        f"plan reaches is {smallest.memory_detail}, on {smallest.mesh}. "
+        f"Largest layers in that plan: {_largest_layers(smallest)}. Raise memory_limit, use a mesh with more "
+        "devices, or a smaller batch size.")
+    error.smallest = smallest
+    return error
 
 
 def random_strategy(model, mesh, batch_size, seed, profile=None):
@@ -199,13 +251,63 @@ class Problem:
         return g
 
     # -- strategies ----------------------------------------------------------------------------
-    def optimal(self, overrides, hidden_dimensions=True):
+    def optimal(self, overrides, hidden_dimensions=True, memory_limit=None):
+        """The fastest assignment (exact). With `memory_limit`, the fastest one found that fits: the
+        search minimizes time + lambda * memory, bisecting lambda (memory is a sum over layers, so
+        each search stays exact; a plan off that frontier can be missed, never a wrong fit)."""
         allowed = dict(self.configs) if hidden_dimensions else {
             name: [c for c in configs if not self._implemented(name, c)] for name, configs in self.configs.items()}
         for name, config in self._resolve_overrides(overrides).items():
             allowed[name] = [config]
-        assignment, _ = layout_search.optimal_assignment(self.cost_graph(allowed))
-        return assignment
+        graph = self.cost_graph(allowed)
+        assignment, _ = layout_search.optimal_assignment(graph)
+        if memory_limit is None or self.memory(assignment).total <= memory_limit:
+            return assignment
+        memory = {name: {c: self.layer_memory(name, c).total for c in allowed[name]} for name in self.nodes}
+
+        def weighted(time_weight, memory_weight):
+            g = graph.copy()
+            for name, costs in memory.items():
+                g.nodes[name]["costs"] = {c: time_weight * graph.nodes[name]["costs"][c] + memory_weight * m
+                                          for c, m in costs.items()}
+            if time_weight == 0:
+                for u, v in g.edges:
+                    g.edges[u, v]["costs"] = dict.fromkeys(g.edges[u, v]["costs"], 0.0)
+            found, _ = layout_search.optimal_assignment(g)
+            return found, self.memory(found).total
+
+        smallest, footprint = weighted(0.0, 1.0)
+        if footprint > memory_limit:
+            error = MemoryLimitError("no plan fits")
+            error.smallest = self.evaluate(smallest, "smallest footprint")
+            raise error
+        low, high = 0.0, 1e-12  # seconds per byte
+        best, used = weighted(1.0, high)
+        for _ in range(40):
+            if used <= memory_limit:
+                break
+            low, high = high, high * 16
+            best, used = weighted(1.0, high)
+        else:
+            return smallest
+        for _ in range(24):
+            middle = math.sqrt(low * high) if low else high / 16
+            found, used = weighted(1.0, middle)
+            if used <= memory_limit:
+                best, high = found, middle
+            else:
+                low = middle
+        return best
+
+    def layer_memory(self, name, config):
+        return layer_memory(self._placement(name, config), self.mesh)
+
+    def memory(self, assignment):
+        """Memory of one device under an assignment, by kind (keras_lwp.cost.memory.Memory)."""
+        total = Memory()
+        for name in self.nodes:
+            total = total + self.layer_memory(name, assignment[name])
+        return total
 
     def _implemented(self, name, config):
         """Whether `config` uses a split the layer's rule computes itself (not DTensor's kernel)."""
@@ -264,8 +366,8 @@ class Problem:
         return assignment
 
     def evaluate(self, assignment, name):
-        """The Strategy for `assignment`, with per-layer and total predicted costs."""
-        compute = sync = transfer = memory = 0.0
+        """The Strategy for `assignment`, with per-layer and per-edge predicted costs and memory."""
+        compute = sync = transfer = 0.0
         layers = {}
         for node in self.nodes:
             cost = self.layer_cost(node, assignment[node])
@@ -273,16 +375,30 @@ class Problem:
             for u in self.graph.predecessors(node):
                 incoming += float(self.edge_table(u, node, [assignment[u]], [assignment[node]])[0, 0])
             layers[node] = LayerReport(self.graph.nodes[node]["info"].class_name, cost.compute, cost.sync,
-                                       cost.transfer + incoming, cost.memory)
+                                       cost.transfer + incoming, self.layer_memory(node, assignment[node]).total)
             compute += cost.compute
             sync += cost.sync
             transfer += cost.transfer + incoming
-            memory += cost.memory
+        memory = self.memory(assignment)
         return Strategy(
             {n: assignment[n] for n in self.nodes}, self.mesh, name=name,
-            cost=StrategyCost(compute, sync, transfer), memory=memory, layers=layers,
+            cost=StrategyCost(compute, sync, transfer), memory=memory.total, layers=layers,
             profile=getattr(getattr(self.cost_model, "profile", None), "name", None),
+            memory_detail=memory, edges=self._edge_reports(assignment),
         )
+
+    def _edge_reports(self, assignment):
+        reports = []
+        for u, v in self.graph.edges:
+            relayout = False
+            produced_by = self.graph.nodes[u]["info"].calls[0].outputs
+            for out_index, _, in_index, tensor in self.graph.edges[u, v]["tensors"]:
+                produced = produced_by[out_index] if out_index < len(produced_by) else tensor
+                relayout |= (self._placement(u, assignment[u]).output_layout(produced)
+                             != self._placement(v, assignment[v]).input_layout(in_index, tensor))
+            seconds = float(self.edge_table(u, v, [assignment[u]], [assignment[v]])[0, 0])
+            reports.append(EdgeReport(u, v, seconds, relayout))
+        return tuple(reports)
 
 
 def _unique(items):

@@ -58,7 +58,7 @@ def strategy_of(model):
 
 
 def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, profile=None, cost_model=None,
-                strict=False, hidden_dimensions=False):
+                strict=False, hidden_dimensions=False, memory_limit=None):
     """Shard `model` over `mesh` layer by layer, then train it with the usual `compile`/`fit`.
 
     Args:
@@ -69,7 +69,7 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
             keras_lwp.search or Strategy.from_json).
         overrides: {layer name or pattern: {dimension: mesh axis}} pinned for the search.
         batch_size: the global batch size to plan for (default: 32 per device).
-        profile, cost_model, strict, hidden_dimensions: as in keras_lwp.search.
+        profile, cost_model, strict, hidden_dimensions, memory_limit: as in keras_lwp.search.
 
     Returns:
         The same model object, now running sharded; `keras_lwp.strategy_of(model)` is its plan.
@@ -97,7 +97,7 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
     if isinstance(strategy, str) and strategy.endswith(".json"):
         strategy = Strategy.from_json(strategy)
     plan = plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict,
-                      hidden_dimensions=hidden_dimensions)
+                      hidden_dimensions=hidden_dimensions, memory_limit=memory_limit)
     run_mesh = _mesh_for(plan.mesh, dmesh)
     model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
     if spec.size == 1:

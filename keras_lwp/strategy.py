@@ -28,13 +28,59 @@ class StrategyCost:
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One row of a Strategy's summary: a layer's class and predicted costs (seconds, bytes)."""
+    """One row of a Strategy's summary: a layer's class and predicted costs (seconds, bytes).
+    `transfer` includes the relayouts into the layer."""
 
     class_name: str
     compute: float
     sync: float
     transfer: float
     memory: float
+
+    @property
+    def total(self):
+        return self.compute + self.sync + self.transfer
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """An edge of the layer graph under a strategy: seconds of relayout (forward and backward), and
+    whether any tensor on it changes layout at all."""
+
+    src: str
+    dst: str
+    transfer: float
+    relayout: bool
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """A layer two strategies configure differently, with its predicted seconds under each."""
+
+    layer: str
+    before: Config
+    after: Config
+    seconds_before: object = None
+    seconds_after: object = None
+
+
+class StrategyDiff(list):
+    """Strategy.diff's result: a list of LayerChange that prints as a table."""
+
+    def __init__(self, changes, before, after):
+        super().__init__(changes)
+        self.before, self.after = before, after
+
+    def __str__(self):
+        head = f"'{self.before.name}' -> '{self.after.name}': {len(self)} of {len(self.after)} layers differ"
+        if self.before.cost is not None and self.after.cost is not None:
+            head += (f"; predicted step {self.before.cost.total * 1e3:.3f} -> {self.after.cost.total * 1e3:.3f} ms")
+        if self.before.mesh != self.after.mesh:
+            head += f"; mesh {self.before.mesh} -> {self.after.mesh}"
+        rows = [("layer", "before", "after", "ms before", "ms after")]
+        for c in self:
+            rows.append((c.layer, str(c.before), str(c.after), _ms(c.seconds_before), _ms(c.seconds_after)))
+        return "\n".join([head, *_table(rows, right={3, 4})])
 
 
 class Strategy(Mapping):
@@ -48,13 +94,17 @@ class Strategy(Mapping):
         layers: {layer name: LayerReport} behind `summary()`.
     """
 
-    def __init__(self, configs, mesh, name="custom", cost=None, memory=None, layers=None, profile=None):
+    def __init__(self, configs, mesh, name="custom", cost=None, memory=None, layers=None, profile=None,
+                 memory_detail=None, edges=(), data_parallel=None):
         self._configs = {str(k): v if isinstance(v, Config) else Config(v) for k, v in configs.items()}
         self.mesh = mesh if isinstance(mesh, MeshSpec) else MeshSpec.from_dict(mesh)
         self.name = name
         self.cost = cost
         self.memory = memory
+        self.memory_detail = memory_detail
         self.layers = dict(layers or {})
+        self.edges = tuple(edges)
+        self.data_parallel = dict(data_parallel or {})
         self.profile = profile
 
     def __getitem__(self, layer_name):
@@ -78,34 +128,65 @@ class Strategy(Mapping):
         return f"<Strategy {self.name} on {self.mesh}, {len(self)} layers{cost}>"
 
     def summary(self, print_fn=None):
-        """A table a person reads: per layer its configuration and predicted costs; totals below."""
-        rows = [("layer", "class", "configuration", "compute ms", "sync ms", "transfer ms")]
+        """A table a person reads: per layer its configuration, predicted compute, sync and transfer
+        (relayouts into the layer included), memory per device, and what the layer would cost under
+        data parallelism; the totals below."""
+        rows = [("layer", "class", "configuration", "compute ms", "sync ms", "transfer ms", "memory MiB",
+                 "data-parallel ms")]
         for layer, config in self._configs.items():
             report = self.layers.get(layer)
+            data = _ms(self.data_parallel.get(layer))
             if report is None:
-                rows.append((layer, "", str(config), "", "", ""))
+                rows.append((layer, "", str(config), "", "", "", "", data))
             else:
-                rows.append((layer, report.class_name, str(config), f"{report.compute * 1e3:.3f}",
-                             f"{report.sync * 1e3:.3f}", f"{report.transfer * 1e3:.3f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        right = {3, 4, 5}
-
-        def line(row):
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
+                rows.append((layer, report.class_name, str(config), _ms(report.compute), _ms(report.sync),
+                             _ms(report.transfer), f"{report.memory / 2**20:.2f}", data))
         text = [f"Strategy '{self.name}' on {self.mesh}" + (f", profile {self.profile}" if self.profile else "")]
-        text.append(line(rows[0]))
-        text.append("  ".join("-" * w for w in widths))
-        text.extend(line(r) for r in rows[1:])
+        text.extend(_table(rows, right={3, 4, 5, 6, 7}))
         if self.cost is not None:
-            text.append(f"predicted step: {self.cost}")
+            line = f"predicted step: {self.cost}"
+            if self.data_parallel:
+                data = sum(self.data_parallel.values())
+                line += f"; data parallelism: {data * 1e3:.3f} ms ({data / self.cost.total:.2f}x this plan's time)"
+            text.append(line)
+        relayouts = [e for e in self.edges if e.relayout]
+        if self.edges:
+            text.append(f"relayouts: {len(relayouts)} of {len(self.edges)} edges change layout"
+                        + (f" ({sum(e.transfer for e in relayouts) * 1e3:.3f} ms)" if relayouts else ""))
         if self.memory is not None:
-            text.append(f"estimated peak memory per device: {self.memory / 2**20:.1f} MiB")
+            detail = self.memory_detail if self.memory_detail is not None else f"{self.memory / 2**20:.2f} MiB"
+            text.append(f"estimated memory per device: {detail}")
         out = "\n".join(text)
         if print_fn is not None:
             print_fn(out)
         return out
 
+    def diff(self, other):
+        """The layers whose configuration differs between this strategy and `other` (a StrategyDiff:
+        a list of LayerChange that prints as a table), in this strategy's layer order."""
+        changes = []
+        for layer in list(self) + [name for name in other if name not in self]:
+            mine, theirs = self.get(layer), other.get(layer)
+            if mine != theirs:
+                report, other_report = self.layers.get(layer), other.layers.get(layer)
+                changes.append(LayerChange(layer, mine, theirs, report and report.total,
+                                           other_report and other_report.total))
+        return StrategyDiff(changes, self, other)
+
+    def to_dot(self):
+        """The layer graph in Graphviz DOT: layers filled by configuration, edges that relayout in
+        red with their predicted seconds. No dependency; render with `dot -Tpng`."""
+        colors = _colors(self)
+        lines = [f'digraph "{self.name}" {{', "  rankdir=TB;", '  node [shape=box, style="rounded,filled"];']
+        for layer, config in self._configs.items():
+            report = self.layers.get(layer)
+            label = f"{layer}\\n{report.class_name if report else ''}\\n{config}"
+            lines.append(f'  "{layer}" [label="{label}", fillcolor="{colors[str(config)]}"];')
+        for edge in self.edges:
+            style = (f' [color="red", penwidth=2, label="{edge.transfer * 1e3:.3f} ms"]' if edge.relayout else "")
+            lines.append(f'  "{edge.src}" -> "{edge.dst}"{style};')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
     def to_json(self):
         data = {
             "name": self.name,
@@ -118,6 +199,8 @@ class Strategy(Mapping):
             data["memory"] = self.memory
         if self.profile is not None:
             data["profile"] = self.profile
+        if self.edges:
+            data["edges"] = [[e.src, e.dst, e.transfer, e.relayout] for e in self.edges]
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -135,4 +218,36 @@ class Strategy(Mapping):
             cost=StrategyCost(**cost) if cost else None,
             memory=data.get("memory"),
             profile=data.get("profile"),
+            edges=[EdgeReport(*edge) for edge in data.get("edges", ())],
         )
+
+
+def _ms(seconds):
+    return "" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _table(rows, right):
+    """Lines of a text table: a header, a rule, the rows; columns in `right` right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return [line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])]
+
+
+# Colors for configurations, replicated first (light grey); from matplotlib's tab20, so the DOT
+# export and the PNG agree without importing matplotlib.
+_PALETTE = ("#dddddd", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
+            "#dbdb8d", "#9edae5", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+            "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
+
+
+def _colors(strategy):
+    """{configuration text: color}, in order of first appearance, replicated always grey."""
+    colors = {"{}": _PALETTE[0]}
+    for config in strategy.values():
+        key = str(config)
+        if key not in colors:
+            colors[key] = _PALETTE[1 + (len(colors) - 1) % (len(_PALETTE) - 1)]
+    return colors

@@ -20,10 +20,9 @@ import numpy as np
 
 from keras_lwp.cost.comm import allreduce_time, relayout_coefficients, relayout_time
 from keras_lwp.cost.devices import get_profile
+from keras_lwp.cost.memory import layer_memory
 from keras_lwp.layers.base import Placement
 
-# Optimizer state per weight, in copies of the weight: gradient + two Adam slots.
-OPTIMIZER_COPIES = 3
 # Bytes an optimizer update reads and writes per weight byte (weight, gradient, two slots, in and out).
 UPDATE_TRAFFIC = 7
 
@@ -83,7 +82,6 @@ class AnalyticCostModel(CostModel):
         shards = place.shards()
         has_weights = any(w.trainable for w in info.weights)
         compute = transfer = 0.0
-        activation_bytes = 0.0
         for call in info.calls:
             flops = rule.forward_flops(info, call) / shards
             # Backward: input gradient (+ weight gradient when the layer has weights).
@@ -92,7 +90,6 @@ class AnalyticCostModel(CostModel):
             compute += self._roofline(flops, 3.0 * io_bytes)
             out = call.outputs[0]
             out_shard = out.nbytes / self._split_of(place.output_layout(out))
-            activation_bytes += sum(t.nbytes / self._split_of(place.output_layout(t)) for t in call.outputs)
             transfer += allreduce_time(out_shard, place.output_partial_axes(), self.mesh, self.profile)
             for index, tensor in enumerate(call.inputs):
                 if _is_float(tensor.dtype):
@@ -100,20 +97,19 @@ class AnalyticCostModel(CostModel):
                     transfer += allreduce_time(shard, place.input_grad_partial_axes(index), self.mesh, self.profile)
             transfer += self._halo_time(place, call)
             transfer += self._stats_time(place, info)
-        weight_bytes = sync = 0.0
+        sync = 0.0
         # A layer's gradients that reduce over the same axes go in one fused all-reduce (as DTensor's
         # all-reduce combining does), so latency is paid once per group, not per weight.
         gradient_groups = {}
         for index, weight in enumerate(info.weights):
             shard = weight.nbytes / self._split_of(place.weight_layout(index))
-            weight_bytes += shard * (1 + OPTIMIZER_COPIES if weight.trainable else 1)
             if weight.trainable:
                 axes = place.weight_grad_partial_axes(index)
                 gradient_groups[axes] = gradient_groups.get(axes, 0.0) + shard
                 sync += self._roofline(0.0, UPDATE_TRAFFIC * shard)
         for axes, nbytes in gradient_groups.items():
             sync += allreduce_time(nbytes, axes, self.mesh, self.profile)
-        return LayerCost(compute, sync, transfer, weight_bytes + activation_bytes)
+        return LayerCost(compute, sync, transfer, layer_memory(place, self.mesh).total)
 
     def _split_of(self, layout):
         return math.prod(self.mesh.axis_size(a) for a in layout if a is not None)

@@ -21,6 +21,7 @@ import numpy as np
 from keras_lwp import layout_search
 from keras_lwp.config import REPLICATED, Config
 from keras_lwp.cost.devices import get_profile
+from keras_lwp.cost import volume
 from keras_lwp.cost.memory import Memory, layer_memory
 from keras_lwp.cost.model import AnalyticCostModel, CostModel
 from keras_lwp.graph import layer_graph
@@ -380,24 +381,30 @@ class Problem:
             sync += cost.sync
             transfer += cost.transfer + incoming
         memory = self.memory(assignment)
+        edges = self._edge_reports(assignment)
+        communication = sum(volume.layer_bytes(self._placement(n, assignment[n]), self.mesh) for n in self.nodes)
+        communication += sum(e.nbytes for e in edges)
         return Strategy(
             {n: assignment[n] for n in self.nodes}, self.mesh, name=name,
             cost=StrategyCost(compute, sync, transfer), memory=memory.total, layers=layers,
             profile=getattr(getattr(self.cost_model, "profile", None), "name", None),
-            memory_detail=memory, edges=self._edge_reports(assignment),
+            memory_detail=memory, edges=edges, communication=communication,
         )
 
     def _edge_reports(self, assignment):
         reports = []
         for u, v in self.graph.edges:
             relayout = False
+            nbytes = 0.0
             produced_by = self.graph.nodes[u]["info"].calls[0].outputs
             for out_index, _, in_index, tensor in self.graph.edges[u, v]["tensors"]:
                 produced = produced_by[out_index] if out_index < len(produced_by) else tensor
-                relayout |= (self._placement(u, assignment[u]).output_layout(produced)
-                             != self._placement(v, assignment[v]).input_layout(in_index, tensor))
+                src = self._placement(u, assignment[u]).output_layout(produced)
+                dst = self._placement(v, assignment[v]).input_layout(in_index, tensor)
+                relayout |= src != dst
+                nbytes += volume.edge_bytes(tensor, src, dst, self.mesh)
             seconds = float(self.edge_table(u, v, [assignment[u]], [assignment[v]])[0, 0])
-            reports.append(EdgeReport(u, v, seconds, relayout))
+            reports.append(EdgeReport(u, v, seconds, relayout, nbytes))
         return tuple(reports)
 
 

@@ -44,13 +44,14 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class EdgeReport:
-    """An edge of the layer graph under a strategy: seconds of relayout (forward and backward), and
-    whether any tensor on it changes layout at all."""
+    """An edge of the layer graph under a strategy: seconds of relayout (forward and backward),
+    whether any tensor on it changes layout at all, and the bytes that moves over all devices."""
 
     src: str
     dst: str
     transfer: float
     relayout: bool
+    nbytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,16 @@ class Strategy(Mapping):
         mesh: the MeshSpec the configurations refer to.
         name: "auto", "data", "model", "owt" or "custom".
         cost: StrategyCost (seconds per training step), or None when not costed.
-        memory: estimated peak bytes on one device (weights, gradients, optimizer slots, activations).
-        layers: {layer name: LayerReport} behind `summary()`.
+        memory: estimated bytes on one device (weights, gradients, optimizer slots, activations);
+            `memory_detail` splits it (keras_lwp.cost.memory.Memory).
+        communication: bytes a training step moves between devices, summed over all of them
+            (keras_lwp.cost.volume).
+        layers: {layer name: LayerReport} behind `summary()`; `edges`: EdgeReport per graph edge;
+            `data_parallel`: {layer name: seconds the layer would take under data parallelism}.
     """
 
     def __init__(self, configs, mesh, name="custom", cost=None, memory=None, layers=None, profile=None,
-                 memory_detail=None, edges=(), data_parallel=None):
+                 memory_detail=None, edges=(), data_parallel=None, communication=None):
         self._configs = {str(k): v if isinstance(v, Config) else Config(v) for k, v in configs.items()}
         self.mesh = mesh if isinstance(mesh, MeshSpec) else MeshSpec.from_dict(mesh)
         self.name = name
@@ -105,6 +110,7 @@ class Strategy(Mapping):
         self.layers = dict(layers or {})
         self.edges = tuple(edges)
         self.data_parallel = dict(data_parallel or {})
+        self.communication = communication
         self.profile = profile
 
     def __getitem__(self, layer_name):
@@ -149,6 +155,8 @@ class Strategy(Mapping):
                 data = sum(self.data_parallel.values())
                 line += f"; data parallelism: {data * 1e3:.3f} ms ({data / self.cost.total:.2f}x this plan's time)"
             text.append(line)
+        if self.communication is not None:
+            text.append(f"communication per step, all devices: {self.communication / 2**20:.2f} MiB")
         relayouts = [e for e in self.edges if e.relayout]
         if self.edges:
             text.append(f"relayouts: {len(relayouts)} of {len(self.edges)} edges change layout"
@@ -199,8 +207,10 @@ class Strategy(Mapping):
             data["memory"] = self.memory
         if self.profile is not None:
             data["profile"] = self.profile
+        if self.communication is not None:
+            data["communication"] = self.communication
         if self.edges:
-            data["edges"] = [[e.src, e.dst, e.transfer, e.relayout] for e in self.edges]
+            data["edges"] = [[e.src, e.dst, e.transfer, e.relayout, e.nbytes] for e in self.edges]
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -219,6 +229,7 @@ class Strategy(Mapping):
             memory=data.get("memory"),
             profile=data.get("profile"),
             edges=[EdgeReport(*edge) for edge in data.get("edges", ())],
+            communication=data.get("communication"),
         )
 
 

@@ -179,3 +179,31 @@ def test_memory_estimate_against_the_tensors_tensorflow_holds():
         held += [component.numpy().nbytes for component in dtensor.unpack(value.read_value())]
     estimate = plan.memory_detail.persistent
     np.testing.assert_allclose(held, estimate, rtol=0.01)
+
+
+# -- communication volume ------------------------------------------------------------------------
+
+def test_data_parallel_volume_is_the_ring_all_reduce_of_every_gradient(wide, plans):
+    """8 devices in a ring each send 2 * 7/8 of every gradient: 14x the weights in all."""
+    weights = sum(np.prod(w.shape) * 4 for w in wide.trainable_weights)
+    assert plans["data"].communication == pytest.approx(8 * 2 * 7 / 8 * weights)
+
+
+def test_relayout_volume_of_an_all_gather():
+    """A batch-split activation gathered whole on 8 devices: each device receives the 7/8 it lacks,
+    forward; backward the gradient goes from whole to split, a local slice that moves nothing."""
+    from keras_lwp.cost import volume
+    from keras_lwp.mesh import MeshSpec
+
+    mesh = MeshSpec((("d", 8),))
+    nbytes = 8 * 1024 * 4.0
+    assert volume.relayout_total_bytes(nbytes, ("d", None), (None, None), mesh) == pytest.approx(8 * 7 / 8 * nbytes)
+    assert volume.relayout_total_bytes(nbytes, (None, None), ("d", None), mesh) == 0.0
+    # An all-to-all (sample split to channel split): each device keeps 1/8 of its block.
+    assert volume.relayout_total_bytes(nbytes, ("d", None), (None, "d"), mesh) == pytest.approx(8 * 7 / 64 * nbytes)
+
+
+def test_owt_moves_less_than_data_parallelism_on_a_wide_head(plans):
+    assert plans["owt"].communication < plans["data"].communication / 10
+    for edge in plans["owt"].edges:
+        assert (edge.nbytes > 0) == edge.relayout

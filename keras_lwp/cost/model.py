@@ -20,6 +20,7 @@ import numpy as np
 
 from keras_lwp.cost.comm import allreduce_time, relayout_coefficients, relayout_time
 from keras_lwp.cost.devices import get_profile
+from keras_lwp.cost import volume
 from keras_lwp.cost.memory import layer_memory
 from keras_lwp.layers.base import Placement
 
@@ -115,20 +116,8 @@ class AnalyticCostModel(CostModel):
         return math.prod(self.mesh.axis_size(a) for a in layout if a is not None)
 
     def halo_bytes(self, place, call):
-        """Bytes one device receives per pass for the halos of its spatial splits: `halo` rows
-        (kernel extent minus stride) per block, from every block on the axis, since DTensor's
-        all-gather of the edge rows delivers all of them (keras_lwp.layers.hidden)."""
-        total = 0.0
-        x = call.inputs[0]
-        layout = place.input_layout(0, x)
-        for dim, axis in place.halo_splits():
-            if axis not in layout:
-                continue
-            position = layout.index(axis)
-            others = self._split_of(layout) / self.mesh.axis_size(axis)
-            parts = self.mesh.axis_size(axis)
-            total += (parts - 1) * dim.halo * x.nbytes / x.shape[position] / others
-        return total
+        """Bytes one device receives per pass for the halos of its spatial splits."""
+        return volume.halo_bytes(place, call, self.mesh)
 
     def _halo_time(self, place, call):
         """The halo exchange forward (input rows) and backward (their gradient) with both neighbours."""

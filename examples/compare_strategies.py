@@ -52,13 +52,6 @@ def _repo_on_path():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_mesh(text):
-    if "=" in text:
-        return {name: int(size) for name, size in (part.split("=") for part in text.split(","))}
-    sizes = [int(s) for s in text.lower().split("x")]
-    return dict(zip("xyzw", sizes))
-
-
 def _write_table(path, header, rows):
     with open(path + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -82,7 +75,7 @@ def measure():
 
     from examples import zoo
 
-    mesh = keras_lwp.make_mesh(parse_mesh(FLAGS.mesh))
+    mesh = keras_lwp.make_mesh(FLAGS.mesh)
     rng = np.random.default_rng(0)
     contenders = {}
     for name in FLAGS.models:

@@ -28,14 +28,6 @@ flags.DEFINE_string("profile", None, "Device profile for the cost model (default
 flags.DEFINE_string("plan_out", None, "Write the chosen Strategy as JSON here.")
 
 
-def parse_mesh(text):
-    if "=" in text:
-        return {name: int(size) for name, size in (part.split("=") for part in text.split(","))}
-    sizes = [int(s) for s in text.lower().split("x")]
-    names = "xyzw"[: len(sizes)] if len(sizes) <= 4 else [f"a{i}" for i in range(len(sizes))]
-    return dict(zip(names, sizes))
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # DTensor logs every mesh it makes at INFO
@@ -48,7 +40,7 @@ def main(argv):
 
     from examples import zoo
 
-    mesh = keras_lwp.make_mesh(parse_mesh(FLAGS.mesh))
+    mesh = keras_lwp.make_mesh(FLAGS.mesh)
     model = zoo.build(FLAGS.model, FLAGS.image_size if FLAGS.model != "transformer" else None, FLAGS.classes)
     print(f"{FLAGS.model}: {model.count_params():,} parameters, batch {FLAGS.batch_size}, mesh {FLAGS.mesh}")
     for baseline in ("data", "model", "owt"):

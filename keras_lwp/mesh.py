@@ -76,10 +76,26 @@ class MeshSpec:
         return cls(tuple((str(n), int(s)) for n, s in data["axes"]), data.get("device_type", "CPU"))
 
 
+def parse_mesh(text):
+    """{axis: size} from a mesh written as text: "4x2" (axes x, y, z, w) or "x=4,y=2"; "8" is one axis x."""
+    try:
+        if "=" in text:
+            return {name.strip(): int(size) for name, size in (part.split("=") for part in text.split(","))}
+        sizes = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        sizes = None
+    if not sizes or len(sizes) > 4:
+        raise ValueError(f"Cannot read the mesh {text!r}: write it as '4x2' (up to 4 axes) or 'x=4,y=2'.")
+    return dict(zip("xyzw", sizes))
+
+
 def mesh_spec_of(mesh):
-    """The MeshSpec of a dict {axis: size}, a MeshSpec, a dtensor.Mesh or a keras DeviceMesh."""
+    """The MeshSpec of a dict {axis: size}, a text like "4x2" or "x=4,y=2", a MeshSpec, a dtensor.Mesh
+    or a keras DeviceMesh."""
     if isinstance(mesh, MeshSpec):
         return mesh
+    if isinstance(mesh, str):
+        mesh = parse_mesh(mesh)
     if isinstance(mesh, Mapping):
         return MeshSpec(tuple(mesh.items()), "CPU")
     kind = type(mesh).__name__
@@ -89,7 +105,7 @@ def mesh_spec_of(mesh):
         device_type = _device_type_of(mesh.devices.flatten()[0]) if mesh.devices.size else "CPU"
         return MeshSpec(tuple(zip(mesh.axis_names, (int(s) for s in mesh.shape))), device_type)
     raise TypeError(
-        f"Expected a mesh: a dict such as {{'x': 4, 'y': 2}}, a keras.distribution.DeviceMesh or a "
+        f"Expected a mesh: a dict such as {{'x': 4, 'y': 2}}, a text such as '4x2', a keras.distribution.DeviceMesh or a "
         f"dtensor.Mesh. Received: {mesh!r} of type {kind}."
     )
 

@@ -57,3 +57,13 @@ def test_bad_meshes_say_what_is_wrong(bad, error, message):
 def test_mesh_with_more_devices_than_exist():
     with pytest.raises(ValueError, match="needs 16 CPU devices but this process has 8"):
         keras_lwp.make_mesh({"x": 4, "y": 4})
+
+
+def test_mesh_written_as_text():
+    from keras_lwp.mesh import mesh_spec_of
+
+    assert mesh_spec_of("4x2").axes == (("x", 4), ("y", 2))
+    assert mesh_spec_of("8").axes == (("x", 8),)
+    assert mesh_spec_of("batch=4,model=2").axes == (("batch", 4), ("model", 2))
+    with pytest.raises(ValueError, match="write it as '4x2'"):
+        mesh_spec_of("4 by 2")

@@ -42,12 +42,12 @@ def test_mesh_spec_from_every_kind_of_mesh():
 @pytest.mark.parametrize(
     "bad, error, message",
     [
-        ("4x2", TypeError, "Expected a mesh"),
+        (4.5, TypeError, "Expected a mesh"),
         ({"x": 0}, ValueError, "positive integer"),
         ({"x-1": 2}, ValueError, "identifiers"),
         ({}, ValueError, "at least one axis"),
     ],
-    ids=["string", "zero-size", "bad-name", "empty"],
+    ids=["number", "zero-size", "bad-name", "empty"],
 )
 def test_bad_meshes_say_what_is_wrong(bad, error, message):
     with pytest.raises(error, match=message):

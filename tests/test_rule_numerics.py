@@ -131,8 +131,9 @@ COVERED_ELSEWHERE = {**{name: "tests/test_hidden_conv.py" for name in CONV_CLASS
 @pytest.fixture(scope="module", autouse=True)
 def no_grappler():
     """Grappler off while this module compiles its functions: it is 60% of their compile time here
-    (1,000 configurations) and rewrites only the per-device graphs DTensor has already expanded,
-    preserving their values; test_numerics trains the common configurations with it on."""
+    and rewrites only the per-device graphs DTensor has already expanded, preserving their values.
+    With it on, every case here passed too (2-core machine: 117 s of CPU against 66 s), and
+    test_numerics trains the common configurations with it on."""
     before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     yield

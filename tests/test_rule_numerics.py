@@ -1,0 +1,390 @@
+"""Every runnable configuration of every layer rule, on real DTensor, equals the unsharded layer.
+
+For each registered layer class (Conv1D/Conv2D: tests/test_hidden_conv.py) a representative layer is
+built on inputs whose every dimension a 2-way mesh axis divides, and every configuration that
+`parallelize` can run on the 2x2x2 mesh of logical CPUs (`configurations(info, runnable_dims(dims),
+mesh)`) is checked: output, input gradients, weight gradients (and BatchNormalization's updated
+moving statistics) equal a plain single-device copy of the layer with the same weights within 1e-5
+relative. Each device's block is compared with the reference's block, so replicas that disagree
+fail too.
+
+How, cheaply (tracing is most of the cost: about 1,000 configurations): per layer case, one
+functional model holds one copy of the layer per configuration (same inputs, same weights), one
+`parallelize` pins each copy to its configuration, and tf.functions of a few copies each run the
+wrapped copies (the code path `fit` runs) under a GradientTape, each fed its inputs laid out as its
+configuration wants them (as the layer before it hands them over in `fit`). Only if such a function
+fails does each of its configurations get a function of its own, so the failure names its
+configuration.
+
+Layers that draw random numbers (Dropout, GaussianNoise, ...) draw differently on each device, so they
+run with training=False (the identity): what is checked there is the layouts' plumbing, not the noise.
+"""
+
+import dataclasses
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+import keras_lwp
+from keras_lwp import MeshSpec, Strategy
+from keras_lwp.graph import layer_graph
+from keras_lwp.layers import Placement, base, configurations, registered_rule, runnable_dims
+from keras_lwp.runtime import to_mesh
+from tests.conftest import require_devices
+from tests.test_hidden_conv import CONV_CLASSES
+
+MESH = {"x": 2, "y": 2, "z": 2}
+SPEC = MeshSpec(tuple(MESH.items()))
+N, S, C = 8, 8, 8  # batch, spatial extent, channels: each divides by any mesh axis
+GROUP = 4  # configurations per tf.function: larger ones compiled slower per configuration (BatchNormalization)
+L = keras.layers
+P = functools.partial
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A representative layer: `make()` builds it; `shapes` are its inputs' shapes (batch first).
+
+    `call`: "one" layer(x), "list" layer([x0, x1, ...]) (merge layers), "args" layer(x0, x1, ...)
+    (attention: query, value, key). `kwargs` go to every call (training). `vocabulary`: the inputs are
+    integer ids below it (no input gradient). `state`: non-trainable weights the call updates.
+    """
+
+    make: object
+    shapes: tuple
+    call: str = "one"
+    kwargs: tuple = ()
+    vocabulary: int = 0
+    state: tuple = ()
+
+
+INFERENCE = (("training", False),)  # random layers: see the module docstring
+TRAINING = (("training", True),)
+IMAGE, SEQUENCE, FLAT = (N, S, S, C), (N, S, C), (N, C)
+
+CASES = {
+    "Dense-2d": Case(P(L.Dense, C), (FLAT,)),
+    "Dense-3d": Case(P(L.Dense, C), (SEQUENCE,)),
+    "EinsumDense": Case(P(L.EinsumDense, "abc,cd->abd", output_shape=(S, C), bias_axes="d"), (SEQUENCE,)),
+    "MaxPooling1D": Case(P(L.MaxPooling1D, 2), (SEQUENCE,)),
+    "MaxPooling2D": Case(P(L.MaxPooling2D, 3, strides=2, padding="same"), (IMAGE,)),
+    "AveragePooling1D": Case(P(L.AveragePooling1D, 2), (SEQUENCE,)),
+    "AveragePooling2D": Case(P(L.AveragePooling2D, 2), (IMAGE,)),
+    "GlobalAveragePooling1D": Case(P(L.GlobalAveragePooling1D), (SEQUENCE,)),
+    "GlobalAveragePooling2D": Case(P(L.GlobalAveragePooling2D), (IMAGE,)),
+    "GlobalMaxPooling1D": Case(P(L.GlobalMaxPooling1D), (SEQUENCE,)),
+    "GlobalMaxPooling2D": Case(P(L.GlobalMaxPooling2D), (IMAGE,)),
+    "BatchNormalization": Case(P(L.BatchNormalization), (IMAGE,), kwargs=TRAINING,
+                               state=("moving_mean", "moving_variance")),
+    "LayerNormalization": Case(P(L.LayerNormalization), (SEQUENCE,)),
+    "Embedding": Case(P(L.Embedding, 16, C), ((N, S),), vocabulary=16),
+    "MultiHeadAttention": Case(P(L.MultiHeadAttention, 2, 4), (SEQUENCE,) * 3, call="args"),
+    "Dropout": Case(P(L.Dropout, 0.5), (SEQUENCE,), kwargs=INFERENCE),
+    "GaussianNoise": Case(P(L.GaussianNoise, 0.1), (FLAT,), kwargs=INFERENCE),
+    "GaussianDropout": Case(P(L.GaussianDropout, 0.1), (FLAT,), kwargs=INFERENCE),
+    "AlphaDropout": Case(P(L.AlphaDropout, 0.1), (FLAT,), kwargs=INFERENCE),
+    "SpatialDropout1D": Case(P(L.SpatialDropout1D, 0.1), (SEQUENCE,), kwargs=INFERENCE),
+    "SpatialDropout2D": Case(P(L.SpatialDropout2D, 0.1), (IMAGE,), kwargs=INFERENCE),
+    "Activation": Case(P(L.Activation, "tanh"), (IMAGE,)),
+    "ReLU": Case(P(L.ReLU), (SEQUENCE,)),
+    "LeakyReLU": Case(P(L.LeakyReLU, 0.2), (FLAT,)),
+    "PReLU": Case(P(L.PReLU), (SEQUENCE,)),
+    "ELU": Case(P(L.ELU), (FLAT,)),
+    "Rescaling": Case(P(L.Rescaling, 0.5, offset=1.0), (FLAT,)),
+    "Identity": Case(P(L.Identity), (FLAT,)),
+    "ActivityRegularization": Case(P(L.ActivityRegularization, l2=0.1), (FLAT,)),
+    "Softmax": Case(P(L.Softmax), (SEQUENCE,)),
+    "Add": Case(P(L.Add), (IMAGE,) * 2, call="list"),
+    "Subtract": Case(P(L.Subtract), (FLAT,) * 2, call="list"),
+    "Multiply": Case(P(L.Multiply), (SEQUENCE,) * 2, call="list"),
+    "Average": Case(P(L.Average), (FLAT,) * 3, call="list"),
+    "Maximum": Case(P(L.Maximum), (FLAT,) * 2, call="list"),
+    "Minimum": Case(P(L.Minimum), (FLAT,) * 2, call="list"),
+    "Concatenate": Case(P(L.Concatenate), (IMAGE,) * 2, call="list"),
+    "Concatenate-axis1": Case(P(L.Concatenate, axis=1), (SEQUENCE,) * 2, call="list"),
+    "Flatten": Case(P(L.Flatten), (IMAGE,)),
+    "Reshape": Case(P(L.Reshape, (S * S // 2, 2 * C)), (IMAGE,)),
+    "Permute": Case(P(L.Permute, (2, 1)), (SEQUENCE,)),
+    "RepeatVector": Case(P(L.RepeatVector, 2), (FLAT,)),
+    "ZeroPadding1D": Case(P(L.ZeroPadding1D, 1), (SEQUENCE,)),
+    "ZeroPadding2D": Case(P(L.ZeroPadding2D, 1), (IMAGE,)),
+    "Cropping1D": Case(P(L.Cropping1D, 1), (SEQUENCE,)),
+    "Cropping2D": Case(P(L.Cropping2D, 1), (IMAGE,)),
+    "UpSampling1D": Case(P(L.UpSampling1D, 2), (SEQUENCE,)),
+    "UpSampling2D": Case(P(L.UpSampling2D, 2), (IMAGE,)),
+    "DepthwiseConv1D": Case(P(L.DepthwiseConv1D, 3, padding="same"), (SEQUENCE,)),
+    "DepthwiseConv2D": Case(P(L.DepthwiseConv2D, 3, padding="same"), (IMAGE,)),
+    "SeparableConv1D": Case(P(L.SeparableConv1D, C, 3, padding="same"), (SEQUENCE,)),
+    "SeparableConv2D": Case(P(L.SeparableConv2D, C, 3, padding="same"), (IMAGE,)),
+    "Conv1DTranspose": Case(P(L.Conv1DTranspose, C, 3, strides=2, padding="same"), (SEQUENCE,)),
+    "Conv2DTranspose": Case(P(L.Conv2DTranspose, C, 3, strides=2, padding="same"), (IMAGE,)),
+}
+# InputLayer computes nothing: its configuration is how a batch is packed (test_input_layer_packs_...).
+COVERED_ELSEWHERE = {**{name: "tests/test_hidden_conv.py" for name in CONV_CLASSES},
+                     "InputLayer": "test_input_layer_packs_batches"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_grappler():
+    """Grappler off while this module compiles its functions: it is 60% of their compile time here
+    and rewrites only the per-device graphs DTensor has already expanded, preserving their values.
+    With it on, every case here passed too (2-core machine: 117 s of CPU against 66 s), and
+    test_numerics trains the common configurations with it on."""
+    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    yield
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
+
+
+# -- building the copies -------------------------------------------------------------------------
+
+def _inputs(case):
+    return [keras.Input(shape[1:], name=f"in{i}", dtype="int32" if case.vocabulary else "float32")
+            for i, shape in enumerate(case.shapes)]
+
+
+def _call(case, layer, inputs, **kwargs):
+    kwargs = {**dict(case.kwargs), **kwargs}
+    if case.call == "list":
+        return layer(list(inputs), **kwargs)
+    if case.call == "args":
+        return layer(*inputs, **kwargs)
+    return layer(inputs[0], **kwargs)
+
+
+def _single(case_id):
+    """A one-layer model of the case, its layer named 'layer'."""
+    case = CASES[case_id]
+    inputs = _inputs(case)
+    layer = case.make(name="layer")
+    return keras.Model(inputs, _call(case, layer, inputs)), layer
+
+
+@functools.lru_cache(maxsize=None)
+def case_info(case_id):
+    model, _ = _single(case_id)
+    return layer_graph(model, N).nodes["layer"]["info"]
+
+
+@functools.lru_cache(maxsize=None)
+def case_configs(case_id):
+    info = case_info(case_id)
+    return tuple(configurations(info, runnable_dims(registered_rule(info).dimensions(info)), SPEC))
+
+
+def config_id(config):
+    return ",".join(item.strip() for item in str(config).strip("{}").split(",")) or "replicated"
+
+
+def _random_weights(layer, rng):
+    values = []
+    for weight in layer.weights:
+        shape = tuple(weight.shape)
+        if "variance" in weight.path:
+            values.append(rng.uniform(0.5, 2.0, shape).astype("float32"))
+        else:
+            values.append(rng.standard_normal(shape, dtype="float32"))
+    layer.set_weights(values)
+
+
+def _data(case, rng):
+    if case.vocabulary:
+        return [rng.integers(0, case.vocabulary, shape).astype("int32") for shape in case.shapes]
+    return [rng.standard_normal(shape, dtype="float32") for shape in case.shapes]
+
+
+def _watched(case, tensors):
+    return [] if case.vocabulary else list(tensors)
+
+
+def _reference(case_id, weights, data, cotangent):
+    """The plain layer on one device: output, input gradients, weight gradients, updated state."""
+    case = CASES[case_id]
+    _, layer = _single(case_id)
+    layer.set_weights(weights)
+    xs = [tf.constant(x) for x in data]
+    with tf.GradientTape() as tape:
+        for x in _watched(case, xs):
+            tape.watch(x)
+        y = _call(case, layer, xs)
+    grads = tape.gradient(y, _watched(case, xs) + list(layer.trainable_weights), output_gradients=cotangent)
+    state = [getattr(layer, name).numpy() for name in case.state]
+    return [np.asarray(tf.convert_to_tensor(t)) for t in [y, *grads]] + state  # Embedding: IndexedSlices
+
+
+def _run(case, layer, xs, cotangent):
+    """Inside a tf.function: the wrapped layer's output, input and weight gradients, updated state."""
+    with tf.GradientTape() as tape:
+        for x in _watched(case, xs):
+            tape.watch(x)
+        y = _call(case, layer, xs)
+    grads = tape.gradient(y, _watched(case, xs) + list(layer.trainable_weights), output_gradients=cotangent)
+    grads = [tf.convert_to_tensor(g) for g in grads]  # Embedding: IndexedSlices
+    return [y, *grads] + [getattr(layer, name).value for name in case.state]
+
+
+def _sharded(case_id, configs, weights, data, cotangent, mesh):
+    """Per configuration, the same quantities from a wrapped copy running on the mesh (per-device
+    blocks, see `_blocks`), or the exception its function raised."""
+    case = CASES[case_id]
+    inputs = _inputs(case)
+    layers = [case.make(name=f"layer{index}") for index in range(len(configs))]
+    model = keras.Model(inputs, [_call(case, layer, inputs) for layer in layers])
+    for layer in layers:
+        layer.set_weights(weights)
+    strategy = Strategy({layer.name: config for layer, config in zip(layers, configs)}, SPEC)
+    keras_lwp.parallelize(model, mesh, strategy=strategy, batch_size=N)
+
+    info = case_info(case_id)
+    dims = runnable_dims(registered_rule(info).dimensions(info))
+    feeds = []
+    for config in configs:
+        place = Placement(info, dims, config, SPEC)
+        xs = [to_mesh(x, place.input_layout(i, t), mesh) for i, (x, t) in enumerate(zip(data, info.inputs))]
+        feeds.append((xs, to_mesh(cotangent, place.output_layout(info.output), mesh)))
+
+    def run_group(group, group_feeds):
+        return [_run(case, layer, xs, cs) for layer, (xs, cs) in zip(group, group_feeds)]
+
+    found = []
+    for start in range(0, len(layers), GROUP):
+        group, group_feeds = layers[start:start + GROUP], feeds[start:start + GROUP]
+        try:
+            outs = tf.function(functools.partial(run_group, group), autograph=False)(group_feeds)
+            found += [[_blocks(t) for t in out] for out in outs]
+        except Exception:  # one function per configuration, to name the one that fails
+            for layer, (xs, cs) in zip(group, group_feeds):
+                layer.set_weights(weights)  # BatchNormalization's statistics may have moved
+                try:
+                    found.append([_blocks(t) for t in tf.function(functools.partial(_run, case, layer),
+                                                                   autograph=False)(xs, cs)])
+                except Exception as error:  # noqa: BLE001 (reported by the configuration's test)
+                    found.append(error)
+    return found
+
+
+def _blocks(tensor):
+    """[(index into the global tensor, that device's block)] for every device of the mesh."""
+    layout = dtensor.fetch_layout(tensor)
+    mesh = layout.mesh
+    names = mesh.dim_names
+    sizes = [mesh.dim_size(name) for name in names]
+    blocks = []
+    for device, part in enumerate(dtensor.unpack(tensor)):
+        coords = np.unravel_index(device, sizes)
+        part = part.numpy()
+        index = []
+        for axis, spec in enumerate(layout.sharding_specs):
+            if spec == dtensor.UNSHARDED:
+                index.append(slice(None))
+            else:
+                width = part.shape[axis]
+                start = coords[names.index(spec)] * width
+                index.append(slice(start, start + width))
+        blocks.append((tuple(index), part))
+    return layout.sharding_specs, blocks
+
+
+@functools.lru_cache(maxsize=None)
+def results(case_id):
+    """(single-device reference, {config: sharded results or the exception}) of a case."""
+    require_devices(8)
+    case = CASES[case_id]
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    _, layer = _single(case_id)
+    _random_weights(layer, rng)
+    weights = layer.get_weights()
+    data = _data(case, rng)
+    cotangent = rng.standard_normal(case_info(case_id).output.shape, dtype="float32")
+    want = _reference(case_id, weights, data, tf.constant(cotangent))
+    configs = case_configs(case_id)
+    got = _sharded(case_id, configs, weights, data, cotangent, keras_lwp.make_mesh(MESH))
+    return want, dict(zip(configs, got))
+
+
+# -- the tests -----------------------------------------------------------------------------------
+
+GRID = [(case_id, config) for case_id in CASES for config in case_configs(case_id)]
+
+
+@functools.lru_cache(maxsize=None)
+def _names(case_id):
+    case = CASES[case_id]
+    _, layer = _single(case_id)
+    inputs = [] if case.vocabulary else [f"input {i} gradient" for i in range(len(case.shapes))]
+    return ["output", *inputs, *(f"{w.path.split('/', 1)[-1]} gradient" for w in layer.trainable_weights),
+            *(f"updated {name}" for name in case.state)]
+
+
+@pytest.mark.parametrize("case_id,config", GRID, ids=[f"{c}-{config_id(k)}" for c, k in GRID])
+def test_configuration_matches_single_device(case_id, config):
+    want, got = results(case_id)
+    got = got[config]
+    if isinstance(got, Exception):
+        raise AssertionError(f"{case_id} under {config} does not run: {str(got).strip().splitlines()[0]}") from got
+    names = _names(case_id)
+    assert len(got) == len(want) == len(names)
+    # A weight gradient whose exact value is zero (attention's key bias: softmax ignores a shift)
+    # holds float noise only: its floor is 1e-5 of the layer's largest weight gradient.
+    weight_grads = [w for name, w in zip(names, want) if name.endswith(" gradient") and not name.startswith("input")]
+    gradient_scale = max([float(np.max(np.abs(w))) for w in weight_grads if w.size] or [0.0])
+    for name, (_, blocks), reference in zip(names, got, want):
+        scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+        if any(reference is w for w in weight_grads):
+            scale = max(scale, gradient_scale)
+        for device, (index, block) in enumerate(blocks):
+            assert block.shape == reference[index].shape, f"{case_id} {config} {name} on device {device}: shape"
+            np.testing.assert_allclose(block, reference[index], rtol=1e-5, atol=1e-5 * scale,
+                                       err_msg=f"{case_id} {config}: {name} on device {device}")
+    # The output is laid out as the configuration says.
+    info = case_info(case_id)
+    place = Placement(info, runnable_dims(registered_rule(info).dimensions(info)), config, SPEC)
+    assert list(got[0][0]) == [a or dtensor.UNSHARDED for a in place.output_layout(info.output)]
+
+
+def test_every_registered_rule_has_numerics():
+    """A rule with no representative here (or in test_hidden_conv) fails the suite."""
+    covered = {type(case.make()).__name__ for case in CASES.values()} | set(COVERED_ELSEWHERE)
+    missing = sorted(set(base._RULES) - covered)
+    assert not missing, f"registered rules with no per-layer numerics test: {missing}; add a Case to CASES"
+
+
+def test_most_cases_really_split():
+    """The grid is not hollow: a rule whose runnable space collapsed to replicated shows up here."""
+    whole = sorted(case_id for case_id in CASES if len(case_configs(case_id)) == 1)
+    assert whole == sorted(["AveragePooling1D", "AveragePooling2D", "DepthwiseConv1D", "DepthwiseConv2D",
+                            "SeparableConv1D", "SeparableConv2D", "Conv1DTranspose", "Conv2DTranspose"])
+
+
+def _image_model():
+    inputs = keras.Input(IMAGE[1:], name="image")
+    return keras.Model(inputs, L.Identity(name="layer")(inputs))
+
+
+@functools.lru_cache(maxsize=None)
+def input_configs():
+    info = layer_graph(_image_model(), N).nodes["image"]["info"]
+    return tuple(configurations(info, runnable_dims(registered_rule(info).dimensions(info)), SPEC))
+
+
+@pytest.mark.parametrize("config", input_configs(), ids=[f"InputLayer-{config_id(c)}" for c in input_configs()])
+def test_input_layer_packs_batches(config):
+    """InputLayer computes nothing; its configuration is the layout `fit` packs a batch with: every
+    device must get its block of the batch."""
+    require_devices(8)
+    from keras_lwp.runtime import _batch_to_mesh
+
+    model = _image_model()
+    keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=Strategy({"image": config}, SPEC),
+                          batch_size=N)
+    x = np.random.default_rng(0).standard_normal(IMAGE, dtype="float32")
+    packed, _, _ = keras.utils.unpack_x_y_sample_weight(_batch_to_mesh(model, (x,)))
+    specs, blocks = _blocks(packed)
+    assert list(specs) == [config.get(d, dtensor.UNSHARDED) for d in ("sample", "height", "width", "channel")]
+    for index, block in blocks:
+        np.testing.assert_array_equal(block, x[index])

@@ -48,7 +48,7 @@ def main(argv):
     from tensorflow.experimental import dtensor
 
     from keras_lwp import Config, MeshSpec, Strategy
-    from keras_lwp.layers import hidden
+    from keras_lwp.layers import halo, hidden
     from keras_lwp.runtime import dtensor_layout, to_host, to_mesh
 
     n, size, cin, cout, k = FLAGS.batch, FLAGS.size, FLAGS.in_channels, FLAGS.filters, FLAGS.kernel
@@ -155,7 +155,7 @@ def main(argv):
         return (local_elements(tensor.shape, after) - local_elements(tensor.shape, before)) * tensor.dtype.size
 
     halo_moves = []
-    original = hidden._relayout
+    original = halo.relayout
 
     def recording(tensor, spec, dmesh):
         moved = received(tensor, spec)
@@ -163,11 +163,11 @@ def main(argv):
             halo_moves.append((tuple(tensor.shape), moved))
         return original(tensor, spec, dmesh)
 
-    hidden._relayout = recording
+    halo.relayout = recording
     try:
         layers[config_name({"sample": "x", "height": "y"})](to_mesh(x, ("x", "y", None, None), mesh))
     finally:
-        hidden._relayout = original
+        halo.relayout = original
     halo = sum(moved for _, moved in halo_moves)
     gather = received(to_mesh(x, ("x", "y", None, None), mesh), ("x", None, None, None))
     for shape, moved in halo_moves:

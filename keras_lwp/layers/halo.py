@@ -200,14 +200,16 @@ def exchange_halo(blocks, geometry, block_dim, spec, mesh):
     parts = []
     if left:
         hops = -(-left // tail_rows)
-        shifted = [shift_blocks(edge_left, hop, block_dim, mesh) for hop in range(hops, 0, -1)]
+        shifted = [relayout(shift_blocks(edge_left, hop, block_dim, mesh), gathered_spec, mesh)
+                   for hop in range(hops, 0, -1)]
         halo = tf.concat(shifted, axis=row_dim) if hops > 1 else shifted[0]
         halo = rows(halo, row_dim, halo.shape[row_dim] - left, halo.shape[row_dim])
         parts.append(relayout(halo, spec, mesh))
     parts.append(blocks)
     if right:
         hops = -(-right // head_rows)
-        shifted = [shift_blocks(edge_right, -hop, block_dim, mesh) for hop in range(1, hops + 1)]
+        shifted = [relayout(shift_blocks(edge_right, -hop, block_dim, mesh), gathered_spec, mesh)
+                   for hop in range(1, hops + 1)]
         halo = tf.concat(shifted, axis=row_dim) if hops > 1 else shifted[0]
         parts.append(relayout(rows(halo, row_dim, 0, right), spec, mesh))
     return relayout(tf.concat(parts, axis=row_dim), spec, mesh)
@@ -277,11 +279,14 @@ def to_blocks(x, geometries, axes, sample_axis, channel_axis, mesh):
 
 
 def extend_blocks(blocks, geometries, axes, block_spec, mesh, lead=0):
-    """Halos, then each output block's input window, one spatial axis after the other (corners come
-    along). `lead` counts dims in front of the batch (none by default)."""
-    for i, (a, g) in enumerate(zip(axes, geometries)):
-        blocks = exchange_halo(blocks, g, lead + 1 + 2 * i, block_spec, mesh)
-        blocks = select_windows(blocks, g, lead + 1 + 2 * i, a, mesh)
+    """Halos, then each output block's input window, one spatial axis after the other: the split axes
+    first, in order (the second exchange carries the first one's halo rows: corners), then the axes
+    not split, padded in place (so no exchange carries their padding). `lead` counts dims in front of
+    the batch (none by default)."""
+    order = [i for i, g in enumerate(geometries) if g.parts > 1] + [i for i, g in enumerate(geometries) if g.parts == 1]
+    for i in order:
+        blocks = exchange_halo(blocks, geometries[i], lead + 1 + 2 * i, block_spec, mesh)
+        blocks = select_windows(blocks, geometries[i], lead + 1 + 2 * i, axes[i], mesh)
     return blocks
 
 

@@ -109,7 +109,8 @@ class AnalyticCostModel(CostModel):
             weight_bytes += shard * (1 + OPTIMIZER_COPIES if weight.trainable else 1)
             if weight.trainable:
                 axes = place.weight_grad_partial_axes(index)
-                gradient_groups[axes] = gradient_groups.get(axes, 0.0) + shard
+                gradient = weight.nbytes / self._split_of(place.weight_grad_layout(index))
+                gradient_groups[axes] = gradient_groups.get(axes, 0.0) + gradient
                 sync += self._roofline(0.0, UPDATE_TRAFFIC * shard)
         for axes, nbytes in gradient_groups.items():
             sync += allreduce_time(nbytes, axes, self.mesh, self.profile)

@@ -163,6 +163,11 @@ def main(argv):
             lambda: keras.layers.AveragePooling2D(2, name="layer"), image, {"sample": "x", "channel": "y"}, "sample")
     spatial(3, "Conv2D 3x3 'same' 64->128, height split (keras_lwp.layers.hidden)", lambda: keras.layers.Conv2D(
         128, 3, padding="same", name="layer"), image, {"sample": "x", "height": "y"}, "height")
+    spatial(8, "DepthwiseConv2D 3x3 'same', sample and channel split (no DepthwiseConv2dNativeBackpropFilter)",
+            lambda: keras.layers.DepthwiseConv2D(3, padding="same", name="layer"), image,
+            {"sample": "x", "channel": "y"}, "sample")
+    spatial(9, "DepthwiseConv2D 3x3 'same', height split", lambda: keras.layers.DepthwiseConv2D(
+        3, padding="same", name="layer"), image, {"sample": "x", "height": "y"}, "height")
     vocabulary, width, length = 8192, 256, 64
     for index, dim in enumerate(("vocabulary", "channel")):
         weighted(4 + index, f"Embedding {vocabulary}x{width} on ids [{n}, {length}], {dim} split",

@@ -9,11 +9,13 @@ never runs those kernels:
 
 1. Blocks, halos and windows as for convolutions (keras_lwp.layers.halo); a channel split keeps
    the input channels split all the way (the layer is per channel: nothing moves for it).
-2. Each kernel tap is a strided slice of the windows times that tap's [C, m] kernel slice
-   (broadcast, elementwise), the taps summed: [.., C, m], merged to the output's c m + j channels
-   (C outermost, so a channel split of the input is one of the output). The filter gradient is the
-   autodiff of those products: summed over the sample and spatial splits by DTensor (gradient
-   synchronization), per channel block under a channel split.
+2. The kernel taps are strided slices of the windows, stacked [T, ..., C] and multiplied by the
+   kernel [T, C, m] in one einsum over the taps (C a batch axis of it): [.., C, m], merged to the
+   output's c m + j channels (C outermost, so a channel split of the input is one of the output).
+   The filter gradient is that einsum's: summed over the sample and spatial splits by one DTensor
+   all-reduce (gradient synchronization), per channel block under a channel split. (Per-tap kernel
+   slices instead had DTensor all-gather each slice's gradient, and in a compiled 1-D layer lay a
+   slice out wrongly: outputs off by O(1).)
 3. Blocks merge back; bias and activation as keras' DepthwiseConv.
 
 Runnable and exact (tests/test_hidden_depthwise.py) for channels_last layers with 'valid' or 'same'
@@ -109,21 +111,23 @@ def hidden_depthwise(layer, place, mesh, inputs, *args, **kwargs):
     blocks, block_spec = halo.to_blocks(x, geometries, axes, sample_axis, channel_axis, mesh)
     blocks = halo.extend_blocks(blocks, geometries, axes, block_spec, mesh)
 
-    # 2. Per tap: its strided rows times its [C, m] kernel slice, summed over the taps.
-    kernel = halo.relayout(tf.convert_to_tensor(layer.kernel), [None] * rank + [channel_axis, None], mesh)
-    multiplier = kernel.shape[-1]
-    windows = tf.expand_dims(blocks, -1)  # [..., C, 1]
-    y = None
+    # 2. The taps' strided rows stacked [T, N, P0, out0, (P1, out1,) C], times the kernel [T, C, m],
+    #    summed over the taps: one einsum, so the filter gradient is one product (and one all-reduce
+    #    over the splits of the batch and rows), not one per tap.
+    taps = []
     for tap in itertools.product(*(range(k) for k in kernel_size)):
-        piece = windows
+        piece = blocks
         for i, t in enumerate(tap):
             g = geometries[i]
             stop = (g.out_block - 1) * g.stride + 1
             piece = halo.rows(piece, 2 + 2 * i, t * g.dilation, t * g.dilation + stop, g.stride)
-        # Pinned: in a compiled function DTensor laid out the slice that drops the leading (tap) axes of
-        # a kernel split on its channel axis wrongly, and the 1-D products came out wrong.
-        term = piece * halo.relayout(kernel[tap], [channel_axis, None], mesh)
-        y = term if y is None else y + term
+        taps.append(piece)
+    stacked = halo.relayout(tf.stack(taps, 0), [None] + block_spec, mesh)
+    kernel = tf.convert_to_tensor(layer.kernel)
+    multiplier = kernel.shape[-1]
+    kernel = halo.relayout(tf.reshape(kernel, [len(taps), channels, multiplier]), [None, channel_axis, None], mesh)
+    letters = "nabde"[:1 + 2 * rank]
+    y = tf.einsum(f"t{letters}c,tcm->{letters}cm", stacked, kernel)
     y = halo.relayout(y, block_spec + [None], mesh)
 
     # 3. Blocks back into the output ([C, m] -> C m, C outermost; one merge per reshape), bias and

@@ -13,7 +13,9 @@ One training-style step (forward + filter gradient) of the same layer and data u
 Contenders run interleaved for --rounds rounds of --steps steps; the median is printed, and each
 contender's filter gradient is checked against (a). The bytes one device receives for the input
 in (c) (the halo rows, from the shapes the implementation relays out) and in (e) (the all-gather)
-are printed beside the goal: (c) moves less than a quarter of (e).
+are printed beside the goal: (c) moves less than a quarter of (e). benchmarks/bench_moves.py reads
+every collective (backward pass included) from DTensor's compiled program, for pooling, depthwise
+convolution, Embedding and EinsumDense splits too.
 """
 
 import os

@@ -13,7 +13,9 @@ One training-style step (forward + filter gradient) of the same layer and data u
 Contenders run interleaved for --rounds rounds of --steps steps; the median is printed, and each
 contender's filter gradient is checked against (a). The bytes one device receives for the input
 in (c) (the halo rows, from the shapes the implementation relays out) and in (e) (the all-gather)
-are printed beside the goal: (c) moves less than a quarter of (e).
+are printed beside the goal: (c) moves less than a quarter of (e). benchmarks/bench_moves.py reads
+every collective (backward pass included) from DTensor's compiled program, for pooling, depthwise
+convolution, Embedding and EinsumDense splits too.
 """
 
 import os
@@ -48,7 +50,7 @@ def main(argv):
     from tensorflow.experimental import dtensor
 
     from keras_lwp import Config, MeshSpec, Strategy
-    from keras_lwp.layers import hidden
+    from keras_lwp.layers import halo, hidden
     from keras_lwp.runtime import dtensor_layout, to_host, to_mesh
 
     n, size, cin, cout, k = FLAGS.batch, FLAGS.size, FLAGS.in_channels, FLAGS.filters, FLAGS.kernel
@@ -155,7 +157,7 @@ def main(argv):
         return (local_elements(tensor.shape, after) - local_elements(tensor.shape, before)) * tensor.dtype.size
 
     halo_moves = []
-    original = hidden._relayout
+    original = halo.relayout
 
     def recording(tensor, spec, dmesh):
         moved = received(tensor, spec)
@@ -163,11 +165,11 @@ def main(argv):
             halo_moves.append((tuple(tensor.shape), moved))
         return original(tensor, spec, dmesh)
 
-    hidden._relayout = recording
+    halo.relayout = recording
     try:
         layers[config_name({"sample": "x", "height": "y"})](to_mesh(x, ("x", "y", None, None), mesh))
     finally:
-        hidden._relayout = original
+        halo.relayout = original
     halo = sum(moved for _, moved in halo_moves)
     gather = received(to_mesh(x, ("x", "y", None, None), mesh), ("x", None, None, None))
     for shape, moved in halo_moves:

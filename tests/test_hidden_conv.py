@@ -25,7 +25,7 @@ from keras_lwp.mesh import mesh_spec_of
 from keras_lwp.runtime import to_host, to_mesh
 from tests.conftest import require_devices
 
-from keras_lwp.layers import hidden
+from keras_lwp.layers import halo, hidden
 
 CONV_CLASSES = ("Conv1D", "Conv2D")
 
@@ -184,7 +184,7 @@ def test_halo_exchange_gathers_only_the_halo_rows(mesh, monkeypatch):
     keras_lwp.parallelize(model, mesh, strategy=Strategy({"image": Config(config), "conv": Config(config)},
                                                          mesh_spec_of(mesh)), batch_size=4)
     gathered = []
-    original = hidden._relayout
+    original = halo.relayout
 
     def recording(tensor, spec, dmesh):
         before = dtensor.fetch_layout(tensor).sharding_specs
@@ -193,13 +193,13 @@ def test_halo_exchange_gathers_only_the_halo_rows(mesh, monkeypatch):
                 gathered.append((tuple(tensor.shape), axis))
         return original(tensor, spec, dmesh)
 
-    monkeypatch.setattr(hidden, "_relayout", recording)
+    monkeypatch.setattr(halo, "relayout", recording)
     x = to_mesh(np.random.default_rng(0).standard_normal((4, 16, 16, 8), dtype="float32"), ("x", "y", "z", None),
                 mesh)
     layer(x)
     info = layer_graph(model, 4).nodes["conv"]["info"]
-    halo = {d.name: d.halo for d in registered_rule(info).dimensions(info)}
-    assert halo["height"] == halo["width"] == 2
+    halos = {d.name: d.halo for d in registered_rule(info).dimensions(info)}
+    assert halos["height"] == halos["width"] == 2
     # Height: [N, 2 blocks, 1 + 1 edge rows, 2 column blocks, 8 columns, C]; then width on the
     # height-extended blocks (corners included): [N, 2, 8 + 2 rows, 2 blocks, 1 + 1 edge columns, C].
     assert gathered == [((4, 2, 2, 2, 8, 8), 1), ((4, 2, 10, 2, 2, 8), 3)]

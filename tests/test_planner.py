@@ -75,10 +75,10 @@ def test_baselines_are_what_the_paper_calls_them():
     assert owt["conv1"] == Config({"sample": "xy"}) and owt["fc1"] == Config({"channel": "xy"})
     model_parallel = keras_lwp.search(model, MESH, batch_size=32, strategy="model", space="full")
     assert model_parallel["conv2"] == Config({"channel": "xy"}) and model_parallel["image"] == Config()
-    # A convolution's channel split runs through keras_lwp.layers.hidden; pooling's does not.
+    # A convolution's channel split runs through keras_lwp.layers.hidden, pooling's through hidden_pooling.
     runnable = keras_lwp.search(model, MESH, batch_size=32, strategy="model")
     assert runnable["conv2"] == Config({"channel": "xy"}) and runnable["fc1"] == Config({"channel": "xy"})
-    assert runnable["pool1"] == Config()
+    assert runnable["pool1"] == Config({"channel": "xy"})
 
 
 def test_cost_parts_add_up_and_summary_reads():

@@ -106,7 +106,8 @@ class AnalyticCostModel(CostModel):
             shard = weight.nbytes / self._split_of(place.weight_layout(index))
             if weight.trainable:
                 axes = place.weight_grad_partial_axes(index)
-                gradient_groups[axes] = gradient_groups.get(axes, 0.0) + shard
+                gradient = weight.nbytes / self._split_of(place.weight_grad_layout(index))
+                gradient_groups[axes] = gradient_groups.get(axes, 0.0) + gradient
                 sync += self._roofline(0.0, UPDATE_TRAFFIC * shard)
         for axes, nbytes in gradient_groups.items():
             sync += allreduce_time(nbytes, axes, self.mesh, self.profile)

@@ -2,6 +2,10 @@
 
 from keras_lwp.layers import builtin  # noqa: F401  (registers the built-in rules)
 from keras_lwp.layers import hidden  # noqa: F401  (Conv1D/Conv2D channel and spatial splits DTensor refuses)
+from keras_lwp.layers import hidden_pooling  # noqa: F401  (pooling's spatial, channel and average-sample splits)
+from keras_lwp.layers import hidden_embedding  # noqa: F401  (Embedding's channel and vocabulary splits)
+from keras_lwp.layers import einsum_dense  # noqa: F401  (EinsumDense's column- and row-parallel splits)
+from keras_lwp.layers import hidden_depthwise  # noqa: F401  (DepthwiseConv's sample, channel, spatial splits)
 from keras_lwp.layers.base import (
     DimSpec,
     LayerRule,

@@ -42,6 +42,9 @@ class DimSpec:
         implemented: the split runs through the rule's `implementation` (ops DTensor shards) rather
             than the layer's own kernel. "auto" picks such splits only with hidden_dimensions=True;
             overrides and explicit strategies may always use them.
+        whole_gradient: the weights split along this dimension get their gradient whole along it (an
+            IndexedSlices over the whole weight, which the optimizer densifies), so its synchronization
+            carries the unsplit extent (Embedding's vocabulary split).
     """
 
     name: str
@@ -53,6 +56,7 @@ class DimSpec:
     stats: bool = False
     native: bool = True
     implemented: bool = False
+    whole_gradient: bool = False
 
 
 class LayerRule:
@@ -178,6 +182,18 @@ class Placement:
 
         def axis_of(d):
             if index >= len(d.weights) or d.weights[index] is None:
+                return None
+            return d.weights[index] % len(shape)
+
+        return self._layout(len(shape), axis_of)
+
+    def weight_grad_layout(self, index):
+        """Layout of weight `index`'s gradient as it is synchronized: the weight's own, but whole along
+        the dimensions whose gradient arrives whole (`DimSpec.whole_gradient`)."""
+        shape = self.info.weights[index].shape
+
+        def axis_of(d):
+            if d.whole_gradient or index >= len(d.weights) or d.weights[index] is None:
                 return None
             return d.weights[index] % len(shape)
 

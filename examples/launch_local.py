@@ -46,8 +46,9 @@ flags.DEFINE_float("heartbeat_timeout", 10.0, "Seconds after which a client that
 # Set by the launcher for each client, and by tests.
 flags.DEFINE_integer("client_id", None, "Run as this client (internal: the launcher sets it).")
 flags.DEFINE_string("jobs", None, "Every client's host:port, comma-separated (internal).")
-flags.DEFINE_multi_string("client_strategy", [], "'client:strategy': that client plans with another strategy, "
-                          "to see every client refuse to train (the plan check).")
+flags.DEFINE_multi_string("differ", [], "'client:weights|data|plan' (tests): that client starts from other random "
+                          "weights (parallelize must take client 0's), feeds other data or plans another strategy "
+                          "(every client must refuse to train).")
 flags.DEFINE_integer("die_client", None, "This client fails on purpose ...")
 flags.DEFINE_integer("die_after_step", 1, "... after this many training steps ...")
 flags.DEFINE_enum("die_how", "exit", ["exit", "hang"], "... by exiting abruptly (os._exit), or by hanging "
@@ -108,17 +109,20 @@ def train(client_id, jobs):
     print(cluster, flush=True)
     mesh = keras_lwp.make_mesh(parse_mesh(FLAGS.mesh))
     model = getattr(models, FLAGS.model)()
+    differ = {what for client, _, what in (item.partition(":") for item in FLAGS.differ) if int(client) == client_id}
+    if "weights" in differ:
+        for weight in model.weights:
+            weight.assign(np.random.default_rng(client_id + 1).standard_normal(weight.shape).astype(weight.dtype))
     strategy = FLAGS.strategy
-    for item in FLAGS.client_strategy:  # a test of the plan check: one client plans differently
-        client, _, other = item.partition(":")
-        strategy = other if int(client) == client_id else strategy
+    if "plan" in differ:
+        strategy = "data" if strategy != "data" else "owt"
     model = keras_lwp.parallelize(model, mesh, strategy=strategy, batch_size=FLAGS.batch_size,
                                   overrides=parse_overrides(FLAGS.override) or None)
     plan = keras_lwp.strategy_of(model)
     if client_id == 0:
         print(plan.summary(), flush=True)
 
-    rng = np.random.default_rng(0)  # the same data on every client (the seed is shared too)
+    rng = np.random.default_rng(1 if "data" in differ else 0)  # the same data on every client
     samples = FLAGS.batch_size * FLAGS.steps
     x = rng.standard_normal((samples,) + tuple(model.inputs[0].shape[1:]), dtype="float32")
     y = rng.integers(0, model.outputs[0].shape[-1], samples)

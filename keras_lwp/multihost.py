@@ -276,7 +276,7 @@ def _get_key(key, what, client, me):
             "program: check its log.") from error
 
 
-def agree(what, payload):
+def agree(what, payload, advice=None):
     """Check that every client has the same `payload` (str or bytes); raise ClientMismatchError if not.
 
     Each client publishes a hash of its payload through the coordination service's key-value store
@@ -304,9 +304,7 @@ def agree(what, payload):
         others = sorted(c for c in digests if c not in mine)
         raise ClientMismatchError(
             f"The clients do not agree on {what}: clients {mine} have one (sha256 {digest[:12]}), clients "
-            f"{others} another. Every client must run the same program on the same data: the same model, "
-            "mesh, batch size and cost model (a profiled cost model measured once and shared), the same "
-            "arrays in the same order.")
+            f"{others} another. " + (advice or "Every client must run the same program on the same data."))
 
 
 def broadcast_from_first_client(arrays, mesh):

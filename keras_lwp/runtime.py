@@ -101,7 +101,10 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
                       hidden_dimensions=hidden_dimensions, memory_limit=memory_limit)
     run_mesh = _mesh_for(plan.mesh, dmesh)
     # Multi-client: every client must run this plan (keras_lwp.multihost) and start from the same weights.
-    multihost.agree(f"the plan of model '{model.name}'", _what_runs(plan))
+    multihost.agree(f"the plan of model '{model.name}'", _what_runs(plan), advice=(
+        "Every client must plan the same model on the same mesh with the same batch size, strategy, overrides "
+        "and cost model (a profiled cost model measured once and shared): compare "
+        "keras_lwp.strategy_of(model).summary() across the clients."))
     model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
     if spec.size == 1:
         return model  # one device: nothing to shard, so no DTensor machinery either (and no overhead)
@@ -466,8 +469,10 @@ def _agree_on_batch(model, batch):
         array = np.ascontiguousarray(value.numpy() if hasattr(value, "numpy") else np.asarray(value))
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
-    multihost.agree(f"the first batch of an epoch of model '{model.name}' (shuffle with a seed every "
-                    "client shares: keras_lwp.initialize sets one)", digest.hexdigest())
+    multihost.agree(f"the first batch of an epoch of model '{model.name}'", digest.hexdigest(), advice=(
+        "Every client must pass fit/evaluate/predict the whole global batch: the same arrays in the same "
+        "order, shuffled with a seed every client shares (keras_lwp.initialize seeds Keras, NumPy and "
+        "TensorFlow alike; a tf.data pipeline needs the same seeds on every client too)."))
 
 
 def _step_function(model, step):

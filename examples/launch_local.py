@@ -193,9 +193,8 @@ def launch():
         processes.append(subprocess.Popen(args + passed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                           cwd=ROOT))
     name = "single" if FLAGS.single else "client"
-    print(f"started {clients} {'process' if FLAGS.single else 'clients'} "
-          f"({FLAGS.clients * FLAGS.devices if FLAGS.single else FLAGS.devices} devices each)"
-          + (f" on {jobs}" if jobs else ""), flush=True)
+    print(f"started 1 process with {FLAGS.clients * FLAGS.devices} devices" if FLAGS.single else
+          f"started {clients} clients with {FLAGS.devices} devices each on {jobs}", flush=True)
     readers = [threading.Thread(target=_relay, args=(p, f"[{name} {i}] "), daemon=True)
                for i, p in enumerate(processes)]
     for reader in readers:

@@ -84,6 +84,8 @@ class Cluster:
         return self.local_devices * self.num_clients
 
     def __repr__(self):
+        if not self.multi_client:
+            return f"Cluster(one process, {self.local_devices} {self.device_type} devices, seed={self.seed})"
         return (f"Cluster(client {self.client_id} of {self.num_clients}, {self.local_devices} {self.device_type} "
                 f"devices each, jobs={list(self.jobs)}, seed={self.seed})")
 

@@ -16,6 +16,10 @@ What it does to the model (DESIGN.md, "Measured facts"):
   variables would stay off the mesh and count wrong.
 A batch whose size a mesh axis does not divide (the last partial batch) runs with the sample
 dimension replicated along that axis: same numbers, nothing dropped.
+
+On a mesh spanning several clients (keras_lwp.multihost), each client packs only its own devices'
+blocks of the batch it is given (the whole global batch), host reads gather across clients, and
+parallelize checks that every client runs the same plan and starts from client 0's weights.
 """
 
 import os

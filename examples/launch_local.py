@@ -43,6 +43,7 @@ flags.DEFINE_string("out", None, "Directory where client 0 writes weights.npz an
 flags.DEFINE_float("timeout", 300.0, "Seconds after which the launcher kills every client.")
 flags.DEFINE_float("grace", 45.0, "Seconds the other clients get to fail on their own after one fails.")
 flags.DEFINE_float("heartbeat_timeout", 10.0, "Seconds after which a client that stopped answering is dead.")
+flags.DEFINE_float("register_timeout", 60.0, "Seconds the clients wait for each other to start.")
 # Set by the launcher for each client, and by tests.
 flags.DEFINE_integer("client_id", None, "Run as this client (internal: the launcher sets it).")
 flags.DEFINE_string("jobs", None, "Every client's host:port, comma-separated (internal).")
@@ -51,6 +52,8 @@ flags.DEFINE_multi_string("differ", [], "'client:weights|data|plan' (tests): tha
                           "(every client must refuse to train).")
 flags.DEFINE_integer("die_client", None, "This client fails on purpose ...")
 flags.DEFINE_integer("die_after_step", 1, "... after this many training steps ...")
+flags.DEFINE_integer("skip_client", None, "Do not start this client (tests: the others must give up after "
+                     "--register_timeout).")
 flags.DEFINE_enum("die_how", "exit", ["exit", "hang"], "... by exiting abruptly (os._exit), or by hanging "
                   "(SIGSTOP: alive but silent, which only the heartbeat timeout detects).")
 
@@ -97,7 +100,8 @@ def train(client_id, jobs):
 
     local = FLAGS.devices if jobs else FLAGS.clients * FLAGS.devices
     cluster = keras_lwp.initialize(client_id, jobs=jobs or None, local_devices=local, seed=FLAGS.seed,
-                                   heartbeat_timeout=FLAGS.heartbeat_timeout)
+                                   heartbeat_timeout=FLAGS.heartbeat_timeout,
+                                   register_timeout=FLAGS.register_timeout)
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # DTensor logs every mesh it makes at INFO
@@ -136,7 +140,7 @@ def train(client_id, jobs):
             print(f"client {client_id}: step {batch + 1} loss {losses[-1]:.6f}", flush=True)
             if FLAGS.die_client == client_id and batch + 1 == FLAGS.die_after_step:
                 print(f"client {client_id}: {'dying' if FLAGS.die_how == 'exit' else 'hanging'} on purpose "
-                      "(--die_client)", flush=True)
+                      f"(--die_client) at t={time.time():.2f}", flush=True)
                 if FLAGS.die_how == "hang":
                     os.kill(os.getpid(), signal.SIGSTOP)
                 os._exit(DIED)
@@ -158,13 +162,16 @@ def train(client_id, jobs):
 def run_client(client_id, jobs):
     import tensorflow as tf
 
+    sys.path.insert(0, ROOT)
+    from keras_lwp.multihost import ClientFailedError
+
     try:
         train(client_id, jobs)
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.InternalError,
+    except (ClientFailedError, tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.InternalError,
             tf.errors.CancelledError, tf.errors.DeadlineExceededError) as error:
         lines = [line for line in str(error).splitlines() if line.strip()]
-        print(f"client {client_id}: FAILED because another client failed ({type(error).__name__}): "
-              f"{' '.join(lines[:3])}", file=sys.stderr, flush=True)
+        print(f"client {client_id}: FAILED at t={time.time():.2f} because another client failed "
+              f"({type(error).__name__}): {' '.join(lines[:3])}", file=sys.stderr, flush=True)
         os._exit(PEER_FAILED)  # not sys.exit: TF's multi-client shutdown would wait for the dead peer
     except BaseException:  # noqa: BLE001 (any other error: show it, and exit without waiting for peers)
         traceback.print_exc()
@@ -178,35 +185,35 @@ def run_client(client_id, jobs):
 
 def launch():
     if FLAGS.single:
-        command = [sys.executable, os.path.abspath(__file__), "--client_id=0", "--jobs="]
-        clients = 1
-        jobs = ""
+        clients, jobs = 1, ""
     else:
         clients = FLAGS.clients
         jobs = ",".join(f"localhost:{p}" for p in free_ports(clients))
-        command = None
     passed = [arg for arg in sys.argv[1:] if not arg.startswith(("--client_id", "--jobs", "--single"))]
-    processes = []
+    name = "single" if FLAGS.single else "client"
+    processes = {}
     started = time.monotonic()
     for client in range(clients):
-        args = command or [sys.executable, os.path.abspath(__file__), f"--client_id={client}", f"--jobs={jobs}"]
-        processes.append(subprocess.Popen(args + passed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          cwd=ROOT))
-    name = "single" if FLAGS.single else "client"
+        if client == FLAGS.skip_client and not FLAGS.single:
+            print(f"not starting client {client} (--skip_client)", flush=True)
+            continue
+        args = [sys.executable, os.path.abspath(__file__), f"--client_id={client}", f"--jobs={jobs}"]
+        processes[client] = subprocess.Popen(args + passed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                             text=True, cwd=ROOT)
     print(f"started 1 process with {FLAGS.clients * FLAGS.devices} devices" if FLAGS.single else
-          f"started {clients} clients with {FLAGS.devices} devices each on {jobs}", flush=True)
+          f"started {len(processes)} clients with {FLAGS.devices} devices each on {jobs}", flush=True)
     readers = [threading.Thread(target=_relay, args=(p, f"[{name} {i}] "), daemon=True)
-               for i, p in enumerate(processes)]
+               for i, p in processes.items()]
     for reader in readers:
         reader.start()
 
-    codes = [None] * clients
+    codes = dict.fromkeys(processes)
     first_failure = None  # (client, seconds) of the first non-zero exit
     killed = []
-    while None in codes:
+    while None in codes.values():
         time.sleep(0.05)
         now = time.monotonic() - started
-        for i, p in enumerate(processes):
+        for i, p in processes.items():
             if codes[i] is None and p.poll() is not None:
                 codes[i] = p.returncode
                 print(f"{name} {i} exited with code {p.returncode} after {now:.1f} s"
@@ -218,7 +225,7 @@ def launch():
         if now > deadline:
             why = (f"still running after the {FLAGS.timeout:g} s timeout" if first_failure is None else
                    f"still running {FLAGS.grace:g} s after {name} {first_failure[0]} failed")
-            for i, p in enumerate(processes):
+            for i, p in processes.items():
                 if codes[i] is None:
                     p.kill()
                     codes[i] = p.wait()
@@ -226,18 +233,18 @@ def launch():
                     print(f"{name} {i} killed by the launcher: {why}", flush=True)
     for reader in readers:
         reader.join(timeout=5)
-    if all(code == 0 for code in codes):
-        print(f"all {clients} exited cleanly in {time.monotonic() - started:.1f} s", flush=True)
+    if all(code == 0 for code in codes.values()):
+        print(f"all {len(processes)} exited cleanly in {time.monotonic() - started:.1f} s", flush=True)
         return 0
     # The cause: a client that exited with an error of its own, else one that hung (the launcher killed it).
-    causes = [i for i, code in enumerate(codes) if code not in (0, PEER_FAILED) and i not in killed] or killed
-    followers = [i for i, code in enumerate(codes) if code == PEER_FAILED]
-    what = {DIED: "died"}
-    print("FAILED: " + "; ".join(
-        f"{name} {i} " + ("hung (killed by the launcher)" if i in killed else what.get(codes[i], "failed"))
-        + f" (code {codes[i]})" for i in causes)
-        + "".join(f"; then {name} {i} failed on its own with a clear error (code {codes[i]})" for i in followers),
-        flush=True)
+    causes = [i for i, code in codes.items() if code not in (0, PEER_FAILED) and i not in killed] or killed
+    followers = [i for i, code in codes.items() if code == PEER_FAILED]
+    reports = [f"{name} {i} " + ("hung (killed by the launcher)" if i in killed else
+                                 "died" if codes[i] == DIED else "failed") + f" (code {codes[i]})" for i in causes]
+    if FLAGS.skip_client is not None and not FLAGS.single:
+        reports.insert(0, f"client {FLAGS.skip_client} never started")
+    reports += [f"{name} {i} failed on its own with a clear error (code {codes[i]})" for i in followers]
+    print("FAILED: " + "; ".join(reports), flush=True)
     return 1
 
 

@@ -26,7 +26,8 @@ A client that dies makes the others fail instead of hanging: a collective with a
 at once ("Connection reset by peer"), and a peer that stops answering (hung, stopped) is declared
 dead by the coordination service after `heartbeat_timeout` seconds ("The following tasks are
 unhealthy (stopped sending heartbeats)"). A client that never starts makes the others fail after
-`register_timeout` seconds.
+`register_timeout` seconds (the coordination service's registration barrier; without it they would
+wait an hour, its fixed device-propagation timeout). Agreement checks wait at most as long.
 
 ```python
 import keras_lwp
@@ -45,12 +46,16 @@ from dataclasses import dataclass
 import numpy as np
 
 _CLUSTER = None
-_TIMEOUT = [60.0]  # seconds a client waits for another in the key-value store
-_CHECKS = [0]  # how many agreement checks this client has made (keys them: same sequence everywhere)
+_TIMEOUT = 60.0  # seconds a client waits for another in the key-value store (initialize's register_timeout)
+_CHECKS = 0  # agreement checks this client has made; numbers their keys (every client makes the same sequence)
 
 
 class ClientMismatchError(ValueError):
     """The clients of a multi-client cluster disagree on something they must share (plan, batches)."""
+
+
+class ClientFailedError(RuntimeError):
+    """Another client did not start, died or stopped answering while this one waited for it."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ def initialize(client_id=None, num_clients=None, jobs=None, local_devices=None, 
         num_clients: the number of clients (default: the number of jobs; if given, checked against it;
             $DTENSOR_NUM_CLIENTS is read the same way).
         jobs: every client's "host:port", in client order, as a list or a comma-separated string
-            (default: $DTENSOR_JOBS). Empty or None: this process is the only client (local mode).
+            (default: $DTENSOR_JOBS). Empty: this process is the only client (it just gets its
+            devices and the seed).
         local_devices: devices on each client. For CPU: how many logical devices to split this
             process's CPU into (default: 1); for GPU: the local GPUs (default: all of them).
         device_type: "CPU" or "GPU".
@@ -146,16 +152,16 @@ def initialize(client_id=None, num_clients=None, jobs=None, local_devices=None, 
     Returns:
         A Cluster describing this process's place (also `keras_lwp.multihost.cluster()`).
 
-    Example (two processes on this machine, two logical CPUs each):
+    Example: two processes on this machine with two logical CPUs each; process 1 runs the same
+    program with client_id=1 (or set DTENSOR_CLIENT_ID and DTENSOR_JOBS and call `initialize(local_devices=2)`).
+    examples/launch_local.py starts such processes.
 
     ```python
-    # process 0                                    # process 1
-    keras_lwp.initialize(0, jobs="localhost:9000,localhost:9001", local_devices=2)
-                                                   keras_lwp.initialize(1, jobs=..., local_devices=2)
-    mesh = keras_lwp.make_mesh({"x": 2, "y": 2})  # the same in both
+    keras_lwp.initialize(client_id=0, jobs="localhost:9000,localhost:9001", local_devices=2)
+    mesh = keras_lwp.make_mesh({"x": 2, "y": 2})  # x across the two processes, y within each
     ```
     """
-    global _CLUSTER
+    global _CLUSTER, _TIMEOUT
     if _CLUSTER is not None:
         raise RuntimeError(f"keras_lwp.initialize was already called in this process: {_CLUSTER!r}. "
                            "Call it once, at the start of the program.")
@@ -221,6 +227,9 @@ def initialize(client_id=None, num_clients=None, jobs=None, local_devices=None, 
             heartbeat_timeout_in_ms=int(heartbeat_timeout * 1000),
             cluster_register_timeout_in_ms=int(register_timeout * 1000),
             shutdown_barrier_timeout_in_ms=int(register_timeout * 1000))
+        # Without the registration barrier a client that never starts leaves the others waiting for
+        # its devices for an hour (the service's fixed device-propagation timeout), not register_timeout.
+        ctx.coordination_service.cluster_register_with_barrier = True
         cluster_def = cluster_pb2.ClusterDef()
         cluster_def.job.add(name=job_name, tasks=dict(enumerate(jobs)))
         server_def = tensorflow_server_pb2.ServerDef(
@@ -229,13 +238,19 @@ def initialize(client_id=None, num_clients=None, jobs=None, local_devices=None, 
         server_def.default_session_config.rpc_options.num_channels_per_target = 4
         server_def.default_session_config.experimental.recv_buf_max_chunk = -1
         ctx.enable_collective_ops(server_def)
-        context.ensure_initialized()  # blocks until every client has registered (or register_timeout)
+        try:
+            context.ensure_initialized()  # blocks until every client has registered (or register_timeout)
+        except tf.errors.OpError as error:
+            raise ClientFailedError(
+                f"Client {client_id} could not join the cluster {list(jobs)} within register_timeout="
+                f"{register_timeout:g} s ({type(error).__name__}: {_tf_message(error)}). Every client must start "
+                "(with its own client_id) and reach the others at these addresses.") from error
         accelerator_util.set_initialized(device_type)
     else:
         for name in ("DTENSOR_JOBS", "DTENSOR_CLIENT_ID", "DTENSOR_NUM_CLIENTS"):
             os.environ.pop(name, None)
 
-    _TIMEOUT[0] = register_timeout
+    _TIMEOUT = register_timeout
     seed = _agree_on_seed(seed, client_id, bool(jobs))
     _CLUSTER = Cluster(client_id, num_clients, jobs, job_name, device_type, local_devices, seed)
     import keras
@@ -269,13 +284,23 @@ def _get_key(key, what, client, me):
     from tensorflow.python.eager import context
 
     try:
-        return context.context().get_config_key_value(key, timeout_in_ms=int(_TIMEOUT[0] * 1000))
+        return context.context().get_config_key_value(key, timeout_in_ms=int(_TIMEOUT * 1000))
     except Exception as error:  # DeadlineExceeded, Unavailable (a dead peer), Aborted
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise RuntimeError(
-            f"Client {me} waited {_TIMEOUT[0]:g} s for {what} from client {client} and did not get it "
-            f"({type(error).__name__}: {first_line}). That client died, hangs, or runs a different "
+        raise ClientFailedError(
+            f"Client {me} waited for {what} from client {client} and did not get it within {_TIMEOUT:g} s "
+            f"({type(error).__name__}: {_tf_message(error)}). That client died, hangs, or runs a different "
             "program: check its log.") from error
+
+
+def _tf_message(error):
+    """TensorFlow's own account of a failure, without the gRPC details that follow it."""
+    lines = []
+    for line in str(error).strip().splitlines():
+        if line.startswith("Additional GRPC error"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)[:600]
 
 
 def agree(what, payload, advice=None):
@@ -292,12 +317,20 @@ def agree(what, payload, advice=None):
 
     data = payload.encode() if isinstance(payload, str) else bytes(payload)
     digest = hashlib.sha256(data).hexdigest()
+    global _CHECKS
     me, count = _client_and_count()
-    _CHECKS[0] += 1
-    prefix = f"keras_lwp/agree/{_CHECKS[0]}/{what}"
+    _CHECKS += 1
+    prefix = f"keras_lwp/agree/{_CHECKS}/{what}"
     context.context().set_config_key_value(f"{prefix}/{me}", digest)
     digests = {client: digest if client == me else _get_key(f"{prefix}/{client}", what, client, me)
                for client in range(count)}
+    # Nobody raises (and exits, maybe taking client 0's coordination service with it) before every
+    # client has read every hash: then each reports the mismatch itself.
+    try:
+        context.context().wait_at_barrier(f"{prefix}/read", int(_TIMEOUT * 1000))
+    except Exception as error:  # noqa: BLE001 (a peer died or hangs after publishing)
+        raise ClientFailedError(f"Client {me} waited for the others to compare {what} and they did not come "
+                                f"within {_TIMEOUT:g} s ({type(error).__name__}: {_tf_message(error)}).") from error
     groups = {}
     for client, value in digests.items():
         groups.setdefault(value, []).append(client)
@@ -345,5 +378,5 @@ def broadcast_from_first_client(arrays, mesh):
     return result
 
 
-__all__ = ["Cluster", "ClientMismatchError", "agree", "broadcast_from_first_client", "cluster", "initialize",
+__all__ = ["Cluster", "ClientFailedError", "ClientMismatchError", "agree", "broadcast_from_first_client", "cluster", "initialize",
            "is_multi_client"]

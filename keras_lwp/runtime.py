@@ -24,6 +24,7 @@ parallelize checks that every client runs the same plan and starts from client 0
 
 import os
 import types
+import weakref
 
 import numpy as np
 
@@ -511,7 +512,7 @@ def _stepper(model, step_function):
 
     step = _step_function(model, step_function)
     ready = []
-    checked = []  # the iterator whose first batch the clients compared (multi-client)
+    checked = []  # a weak reference to the iterator whose first batch the clients compared (multi-client)
     pending = []  # [iterator, its next batch packed (None if packing failed), the batch]
 
     def take(iterator):
@@ -521,8 +522,8 @@ def _stepper(model, step_function):
             if source is iterator:
                 return packed if packed is not None else _batch_to_mesh(model, batch)
         batch = next(iterator)
-        if checked[:1] != [iterator]:  # the first batch of an epoch: every client must feed the same
-            checked[:] = [iterator]
+        if multihost.is_multi_client() and (not checked or checked[0]() is not iterator):
+            checked[:] = [_weak(iterator)]  # its first batch (an epoch's): every client must feed the same
             _agree_on_batch(model, batch)
         if not ready:
             # Keras builds compile metrics lazily inside the first step; built there, their
@@ -551,6 +552,14 @@ def _stepper(model, step_function):
         return logs
 
     return function
+
+
+def _weak(value):
+    """A weak reference to `value`, or a strong one for objects that take none (a list iterator)."""
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return lambda: value
 
 
 def _make_predict_function(model, force=False):

@@ -6,7 +6,7 @@
 
 Each client is this script run again with --client_id, on a free loopback port; all of them run the
 same training (the same seed, data and model: keras_lwp.initialize makes them agree) on a mesh that
-spans the devices of every client, and client 0 writes the weights and losses to --out. The launcher
+spans the devices of every client, and client 0 writes the weights and results to --out. The launcher
 prints every client's output prefixed by its id and waits for them. If a client exits with an error
 (or dies: --die_client/--die_after_step kill one on purpose), the others must fail on their own
 (DTensor's collectives and the coordination service's heartbeat); the launcher waits --grace seconds
@@ -39,7 +39,8 @@ flags.DEFINE_integer("batch_size", 16, "Global batch size (every client feeds th
 flags.DEFINE_integer("steps", 3, "Training steps.")
 flags.DEFINE_integer("seed", 1234, "Random seed of every client (weights, data shuffling).")
 flags.DEFINE_bool("single", False, "Run one process with clients*devices devices instead (the reference).")
-flags.DEFINE_string("out", None, "Directory where client 0 writes weights.npz and losses.npy.")
+flags.DEFINE_string("out", None, "Directory where client 0 writes weights.npz and results.npz (losses, "
+                    "evaluate, predict).")
 flags.DEFINE_float("timeout", 300.0, "Seconds after which the launcher kills every client.")
 flags.DEFINE_float("grace", 45.0, "Seconds the other clients get to fail on their own after one fails.")
 flags.DEFINE_float("heartbeat_timeout", 10.0, "Seconds after which a client that stopped answering is dead.")
@@ -52,10 +53,10 @@ flags.DEFINE_multi_string("differ", [], "'client:weights|data|plan' (tests): tha
                           "(every client must refuse to train).")
 flags.DEFINE_integer("die_client", None, "This client fails on purpose ...")
 flags.DEFINE_integer("die_after_step", 1, "... after this many training steps ...")
-flags.DEFINE_integer("skip_client", None, "Do not start this client (tests: the others must give up after "
-                     "--register_timeout).")
 flags.DEFINE_enum("die_how", "exit", ["exit", "hang"], "... by exiting abruptly (os._exit), or by hanging "
                   "(SIGSTOP: alive but silent, which only the heartbeat timeout detects).")
+flags.DEFINE_integer("skip_client", None, "Do not start this client (tests: the others must give up after "
+                     "--register_timeout).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIED = 17  # exit code of a client killed on purpose

@@ -13,9 +13,10 @@ print(plan.summary())
 ```
 """
 
-from keras_lwp import callbacks, layers, layout_search
+from keras_lwp import callbacks, layers, layout_search, multihost
 from keras_lwp.config import Config
 from keras_lwp.mesh import MeshSpec, make_mesh, use_virtual_devices
+from keras_lwp.multihost import ClientFailedError, ClientMismatchError, initialize
 from keras_lwp.planner import MemoryLimitError, search
 from keras_lwp.plot import plot_strategy
 from keras_lwp.runtime import parallelize, strategy_of
@@ -24,6 +25,7 @@ from keras_lwp.strategy import Strategy, StrategyCost
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "MemoryLimitError", "MeshSpec", "Strategy", "StrategyCost", "callbacks", "layers", "layout_search",
-    "make_mesh", "parallelize", "plot_strategy", "search", "strategy_of", "use_virtual_devices",
+    "ClientFailedError", "ClientMismatchError", "Config", "MemoryLimitError", "MeshSpec", "Strategy", "StrategyCost", "callbacks",
+    "initialize", "layers", "layout_search", "make_mesh", "multihost", "parallelize", "plot_strategy", "search",
+    "strategy_of", "use_virtual_devices",
 ]

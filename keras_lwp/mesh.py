@@ -147,12 +147,16 @@ def use_virtual_devices(count, device_type="CPU"):
 
 
 def make_mesh(mesh, device_type=None):
-    """A `dtensor.Mesh` over this process's devices.
+    """A `dtensor.Mesh` over this process's devices, or over the devices of every client after
+    `keras_lwp.initialize` made this process one client of a multi-client cluster.
 
     Args:
         mesh: a dict {axis name: size} in order (e.g. {"x": 4, "y": 2}), a keras.distribution.DeviceMesh,
             a MeshSpec or an existing dtensor.Mesh (returned as is).
         device_type: "CPU", "GPU" or "TPU"; defaults to GPU when one exists, else CPU.
+
+    On a multi-client cluster the mesh's devices are numbered client by client (client 0's devices
+    first), so the leading axes split across clients and the last axes within one.
     """
     from tensorflow.experimental import dtensor
 
@@ -161,6 +165,10 @@ def make_mesh(mesh, device_type=None):
     spec = mesh_spec_of(mesh)
     import tensorflow as tf
 
+    from keras_lwp import multihost
+
+    if multihost.is_multi_client():
+        return _distributed_mesh(spec, device_type)
     if device_type is None:
         device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
     available = len(tf.config.list_logical_devices(device_type))
@@ -171,3 +179,25 @@ def make_mesh(mesh, device_type=None):
         )
     devices = [f"{device_type}:{i}" for i in range(spec.size)]
     return dtensor.create_mesh(list(spec.axes), devices=devices, device_type=device_type)
+
+
+def _distributed_mesh(spec, device_type):
+    """The mesh over the devices of every client (dtensor.create_distributed_mesh)."""
+    from tensorflow.dtensor.python import config
+    from tensorflow.experimental import dtensor
+
+    from keras_lwp import multihost
+
+    cluster = multihost.cluster()
+    if device_type is None:
+        device_type = cluster.device_type if cluster is not None else "CPU"
+    clients = config.num_clients()
+    local = config.num_local_devices(device_type)
+    if spec.size % clients or spec.size // clients > local:
+        raise ValueError(
+            f"The mesh {spec} has {spec.size} devices, but a mesh over {clients} clients needs the same "
+            f"number on each, at most the {local} {device_type} devices each client has (so a multiple of "
+            f"{clients} up to {clients * local}). Use a mesh of {clients * local} devices, e.g. "
+            f"{{'x': {clients}, 'y': {local}}}.")
+    devices = [f"{device_type}:{i}" for i in range(spec.size // clients)]
+    return dtensor.create_distributed_mesh(list(spec.axes), local_devices=devices, device_type=device_type)

@@ -16,13 +16,19 @@ What it does to the model (DESIGN.md, "Measured facts"):
   variables would stay off the mesh and count wrong.
 A batch whose size a mesh axis does not divide (the last partial batch) runs with the sample
 dimension replicated along that axis: same numbers, nothing dropped.
+
+On a mesh spanning several clients (keras_lwp.multihost), each client packs only its own devices'
+blocks of the batch it is given (the whole global batch), host reads gather across clients, and
+parallelize checks that every client runs the same plan and starts from client 0's weights.
 """
 
 import os
 import types
+import weakref
 
 import numpy as np
 
+from keras_lwp import multihost
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, dimensions_of, registered_rule
 from keras_lwp.mesh import make_mesh, mesh_spec_of
@@ -99,13 +105,39 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
     plan = plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict,
                       hidden_dimensions=hidden_dimensions, memory_limit=memory_limit)
     run_mesh = _mesh_for(plan.mesh, dmesh)
+    # Multi-client: every client must run this plan (keras_lwp.multihost) and start from the same weights.
+    multihost.agree(f"the plan of model '{model.name}'", _what_runs(plan), advice=(
+        "Every client must plan the same model on the same mesh with the same batch size, strategy, overrides "
+        "and cost model (a profiled cost model measured once and shared): compare "
+        "keras_lwp.strategy_of(model).summary() across the clients."))
     model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
     if spec.size == 1:
         return model  # one device: nothing to shard, so no DTensor machinery either (and no overhead)
+    _weights_from_first_client(model, run_mesh)
     _apply(graph, plan, run_mesh)
     _wrap_model_outputs(model, graph, plan, run_mesh)
     _install_functions(model)
     return model
+
+
+def _what_runs(plan):
+    """The part of a plan that decides what every device computes: its mesh and layer configurations
+    (not its predicted costs, which a cost model may compute differently without changing the plan)."""
+    import json
+
+    layers = {name: sorted(dict(plan[name]).items()) for name in plan}
+    return json.dumps({"mesh": plan.mesh.to_dict(), "layers": layers}, sort_keys=True)
+
+
+def _weights_from_first_client(model, mesh):
+    """On a multi-client mesh, give every client client 0's weights (random initializations differ
+    unless every client seeded alike)."""
+    if not multihost.is_multi_client():
+        return
+    weights = model.weights
+    values = multihost.broadcast_from_first_client([np.asarray(w.numpy()) for w in weights], mesh)
+    for weight, value in zip(weights, values):
+        weight.assign(value)
 
 
 def _check_float_inputs(graph):
@@ -133,8 +165,11 @@ def _mesh_for(plan_mesh, dmesh):
             f"The strategy was planned for {plan_mesh} ({plan_mesh.size} devices) but the mesh has "
             f"{mesh_spec_of(dmesh).size} devices. Search again on this mesh."
         )
-    devices = [d.to_string() if hasattr(d, "to_string") else str(d) for d in dmesh.local_devices()]
-    return dtensor.create_mesh(list(plan_mesh.axes), devices=devices, device_type=dmesh.device_type())
+    # The same devices, numbered the same way (row-major), seen with the plan's axes; on a
+    # multi-client mesh each client keeps its own local devices.
+    global_ids = np.asarray(dmesh.global_device_ids()).reshape([size for _, size in plan_mesh.axes])
+    return dtensor.Mesh(list(plan_mesh.axis_names), global_ids, list(dmesh.local_device_ids()),
+                        list(dmesh.local_devices()))
 
 
 _LAYOUTS = {}
@@ -170,7 +205,10 @@ def relayout_to(tensor, spec, mesh):
 
 
 def to_mesh(value, spec, mesh):
-    """Put a host value on the mesh, each device receiving only its own block (dtensor.pack)."""
+    """Put a host value on the mesh, each device receiving only its own block (dtensor.pack).
+
+    On a multi-client mesh every client passes the whole value and packs the blocks of its own
+    (local) devices."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
@@ -181,8 +219,7 @@ def to_mesh(value, spec, mesh):
     spec = _fit(spec, array.shape, mesh_spec)
     sizes = [s for _, s in mesh_spec.axes]
     components = []
-    for device in range(mesh_spec.size):
-        coords = np.unravel_index(device, sizes)
+    for coords in _local_coordinates(mesh):
         block = []
         for axis, mesh_axis in enumerate(spec):
             if mesh_axis is None:
@@ -195,8 +232,24 @@ def to_mesh(value, spec, mesh):
     return dtensor.pack(components, dtensor_layout(spec, mesh))
 
 
+_COORDINATES = {}
+
+
+def _local_coordinates(mesh):
+    """Mesh coordinates of this client's devices, in the order dtensor.pack takes components."""
+    key = id(mesh)
+    if key not in _COORDINATES:
+        ids = np.asarray(mesh.global_device_ids())
+        where = {int(d): tuple(int(c) for c in np.unravel_index(i, ids.shape)) for i, d in enumerate(ids.ravel())}
+        _COORDINATES[key] = (mesh, [where[int(d)] for d in mesh.local_device_ids()])
+    return _COORDINATES[key][1]
+
+
 def to_host(value):
-    """A DTensor gathered into one ordinary tensor (sharded DTensors have no .numpy())."""
+    """A DTensor gathered into one ordinary tensor (sharded DTensors have no .numpy()).
+
+    The relayout to replicated is an all-gather over every device of the mesh, those of other
+    clients too: on a multi-client mesh every client gets the whole value (and must call this too)."""
     from tensorflow.experimental import dtensor
 
     if isinstance(value, dtensor.DVariable):
@@ -405,6 +458,28 @@ def _batch_to_mesh(model, data):
     return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
+def _agree_on_batch(model, batch):
+    """Multi-client: check that every client feeds this batch (each packs only its own devices'
+    blocks of it, so clients with different data would silently train on a mix)."""
+    if not multihost.is_multi_client():
+        return
+    import hashlib
+
+    import keras
+
+    digest = hashlib.sha256()
+    for value in keras.tree.flatten(batch):
+        if value is None:
+            continue
+        array = np.ascontiguousarray(value.numpy() if hasattr(value, "numpy") else np.asarray(value))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    multihost.agree(f"the first batch of an epoch of model '{model.name}'", digest.hexdigest(), advice=(
+        "Every client must pass fit/evaluate/predict the whole global batch: the same arrays in the same "
+        "order, shuffled with a seed every client shares (keras_lwp.initialize seeds Keras, NumPy and "
+        "TensorFlow alike; a tf.data pipeline needs the same seeds on every client too)."))
+
+
 def _step_function(model, step):
     import tensorflow as tf
 
@@ -437,6 +512,7 @@ def _stepper(model, step_function):
 
     step = _step_function(model, step_function)
     ready = []
+    checked = []  # a weak reference to the iterator whose first batch the clients compared (multi-client)
     pending = []  # [iterator, its next batch packed (None if packing failed), the batch]
 
     def take(iterator):
@@ -446,6 +522,9 @@ def _stepper(model, step_function):
             if source is iterator:
                 return packed if packed is not None else _batch_to_mesh(model, batch)
         batch = next(iterator)
+        if multihost.is_multi_client() and (not checked or checked[0]() is not iterator):
+            checked[:] = [_weak(iterator)]  # its first batch (an epoch's): every client must feed the same
+            _agree_on_batch(model, batch)
         if not ready:
             # Keras builds compile metrics lazily inside the first step; built there, their
             # variables would not be on the mesh (accuracy's count came out 7x too large).
@@ -475,6 +554,14 @@ def _stepper(model, step_function):
     return function
 
 
+def _weak(value):
+    """A weak reference to `value`, or a strong one for objects that take none (a list iterator)."""
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return lambda: value
+
+
 def _make_predict_function(model, force=False):
     import keras
 
@@ -483,7 +570,11 @@ def _make_predict_function(model, force=False):
     step = _step_function(model, model.predict_step)
 
     def function(data):
-        outputs = [keras.tree.map_structure(to_host, step(_batch_to_mesh(model, batch))) for batch in data]
+        outputs = []
+        for batch in data:
+            if not outputs:
+                _agree_on_batch(model, batch)
+            outputs.append(keras.tree.map_structure(to_host, step(_batch_to_mesh(model, batch))))
         if len(outputs) == 1:
             return outputs[0]
         return keras.tree.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *outputs)

@@ -1,7 +1,6 @@
 """Tests for keras_lwp.layout_search (pure Python: numpy + networkx only)."""
 
 import itertools
-import json
 import math
 import os
 import pathlib
@@ -221,7 +220,6 @@ def test_isolated_nodes_take_their_cheapest_config():
 
 
 def test_antiparallel_edges_are_merged():
-    pq = ["p", "q"]
     graph = nx.DiGraph()
     graph.add_node("u", costs={"p": 0.0, "q": 0.0})
     graph.add_node("v", costs={"p": 0.0, "q": 0.0})

@@ -13,8 +13,9 @@ print(plan.summary())
 ```
 """
 
-from keras_lwp import callbacks, layers, layout_search
+from keras_lwp import callbacks, cost, layers, layout_search
 from keras_lwp.config import Config
+from keras_lwp.cost.cache import clear_cache
 from keras_lwp.mesh import MeshSpec, make_mesh, use_virtual_devices
 from keras_lwp.planner import search
 from keras_lwp.runtime import parallelize, strategy_of
@@ -23,6 +24,6 @@ from keras_lwp.strategy import Strategy, StrategyCost
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "MeshSpec", "Strategy", "StrategyCost", "callbacks", "layers", "layout_search", "make_mesh", "parallelize",
-    "search", "strategy_of", "use_virtual_devices",
+    "Config", "MeshSpec", "Strategy", "StrategyCost", "callbacks", "clear_cache", "cost", "layers", "layout_search",
+    "make_mesh", "parallelize", "search", "strategy_of", "use_virtual_devices",
 ]

@@ -57,7 +57,7 @@ def strategy_of(model):
     return state.strategy
 
 
-def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, profile=None, cost_model=None,
+def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, profile=None, cost_model="analytic",
                 strict=False, hidden_dimensions=False):
     """Shard `model` over `mesh` layer by layer, then train it with the usual `compile`/`fit`.
 
@@ -69,7 +69,10 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
             keras_lwp.search or Strategy.from_json).
         overrides: {layer name or pattern: {dimension: mesh axis}} pinned for the search.
         batch_size: the global batch size to plan for (default: 32 per device).
-        profile, cost_model, strict, hidden_dimensions: as in keras_lwp.search.
+        profile, strict, hidden_dimensions: as in keras_lwp.search.
+        cost_model: "analytic", "profiled" (measure every layer configuration on this mesh once,
+            then read it from the cache; compile first so the profile times your optimizer's
+            update, else Adam's), or a keras_lwp.cost.CostModel; as in keras_lwp.search.
 
     Returns:
         The same model object, now running sharded; `keras_lwp.strategy_of(model)` is its plan.
@@ -97,7 +100,7 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
     if isinstance(strategy, str) and strategy.endswith(".json"):
         strategy = Strategy.from_json(strategy)
     plan = plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict,
-                      hidden_dimensions=hidden_dimensions)
+                      hidden_dimensions=hidden_dimensions, optimizer=getattr(model, "optimizer", None))
     run_mesh = _mesh_for(plan.mesh, dmesh)
     model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
     if spec.size == 1:

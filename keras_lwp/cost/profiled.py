@@ -7,9 +7,9 @@
   `keras_lwp.runtime._wrap_call` (so the splits keras_lwp implements itself, a convolution's
   channels and rows, run their real halo exchange and partial sums), inputs and output gradients
   DTensors in the configuration's layouts. One `tf.function` does the forward pass and the backward
-  pass (input and weight gradients); it is called a few times after a warm-up and the median per
-  call is kept, less the median of an empty function over the same arguments (the call's own
-  dispatch, paid once per training step, not once per layer). An InputLayer's t_c is packing a
+  pass (input and weight gradients); it is called in a few rounds after a warm-up and the fastest
+  round's time per call is kept (`steady`), less that of an empty function over the same number of
+  arguments (the call's own dispatch, paid once per training step, not once per layer). An InputLayer's t_c is packing a
   batch onto the mesh in its layout.
 - t_s: the gradient all-reduce over the axes that split the work but not the weight, from the
   fitted collectives (keras_lwp.cost.collectives), plus the optimizer's update of the weights'
@@ -30,7 +30,6 @@ kept on disk (keras_lwp.cost.cache), so a second plan of the same model is insta
 
 import math
 import os
-import statistics
 import time
 import warnings
 
@@ -38,13 +37,13 @@ import numpy as np
 
 from keras_lwp.config import Config
 from keras_lwp.cost.cache import ProfileCache, digest
-from keras_lwp.cost.collectives import CollectiveModel, measure_collectives, relayout_steps
+from keras_lwp.cost.collectives import CollectiveModel, measure_collectives
 from keras_lwp.cost.model import AnalyticCostModel, CostModel, LayerCost, _is_float
 from keras_lwp.layers.base import Placement
 from keras_lwp.mesh import mesh_spec_of
 
 # Bump when what is measured, or how, changes: older cache entries are then ignored.
-PROFILER_VERSION = 1
+PROFILER_VERSION = 2
 # Message sizes (bytes per device) the collectives are timed at.
 COLLECTIVE_SIZES = (16 * 2**10, 512 * 2**10, 4 * 2**20)
 DEFAULT_OPTIMIZER = "adam"
@@ -68,11 +67,19 @@ def block(outputs):
             tensor.numpy()
 
 
+def steady(samples):
+    """The statistic kept of repeated timings: the fastest. Other work on the machine (other
+    processes on shared cores) can only make a round slower, so the fastest round is the best
+    estimate of what the layer costs on its own, and the least sensitive to that work coming and
+    going between the profile and the training it predicts."""
+    return min(samples)
+
+
 def time_call(fn, args=(), rounds=5, target=0.01, max_calls=16):
     """Seconds per call of `fn(*args)` in the steady state: one call to trace, one to warm up and
     size the rounds, then `rounds` rounds of back-to-back calls (each lasting about `target` seconds,
-    waiting only at its end, as consecutive training steps do); the median round. Slow functions
-    (over 0.1 s a call) get three rounds of one call."""
+    waiting only at its end, as consecutive training steps do); `steady` of the rounds. Slow
+    functions (over 0.1 s a call) get three rounds of one call."""
     block(fn(*args))
     start = time.perf_counter()
     block(fn(*args))
@@ -87,7 +94,7 @@ def time_call(fn, args=(), rounds=5, target=0.01, max_calls=16):
             out = fn(*args)
         block(out)
         samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    return steady(samples)
 
 
 # -- what identifies a measurement ------------------------------------------------------------------
@@ -186,7 +193,7 @@ class ProfiledCostModel(CostModel):
             model's compiled optimizer when `parallelize`/`search` build the model, else Adam.
         cache_dir: where measurements are kept (default: $KERAS_LWP_CACHE or ~/.cache/keras_lwp).
         progress: show a progress bar while measuring.
-        rounds: timed rounds per measurement (the median is kept).
+        rounds: timed rounds per measurement (the fastest is kept: `steady`).
 
     Example:
 
@@ -557,14 +564,19 @@ class ProfiledCostModel(CostModel):
         y = np.zeros((batch * steps,), "int32")
 
         class EpochTimer(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.start = time.perf_counter()
+            """From the first step's start (after fit made the epoch's data iterator) to the epoch's
+            end (after fit read the last step's results)."""
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if batch == 0:
+                    self.start = time.perf_counter()
 
             def on_epoch_end(self, epoch, logs=None):
                 seconds.append((time.perf_counter() - self.start) / steps)
 
         seconds = []
-        # Arrays, as most fit calls get; one call, the first epoch traces and warms up.
+        # Arrays, as most fit calls get; one call, the first epoch traces and warms up. The timer leaves
+        # out making and dropping the epoch's data iterator (a cost per epoch, not per step).
         tiny.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[EpochTimer()])
         seconds = seconds[1:]
         layers = 0.0
@@ -572,7 +584,7 @@ class ProfiledCostModel(CostModel):
             info = graph.nodes[name]["info"]
             cost = sibling.layer_cost(info, rule_for(info), dimensions_of(info), Config({"sample": axis}))
             layers += cost.total
-        return max(statistics.median(seconds) - layers, 0.0)
+        return max(steady(seconds) - layers, 0.0)
 
 
 def _collective_count(mesh):

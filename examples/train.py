@@ -24,7 +24,10 @@ flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_integer("image_size", 64, "Image height and width for the CNNs.")
 flags.DEFINE_integer("classes", 100, "Number of classes.")
 flags.DEFINE_integer("steps", 8, "Training steps to time (after one warm-up step).")
-flags.DEFINE_string("profile", None, "Device profile for the cost model (default: by device type).")
+flags.DEFINE_string("profile", None, "Device profile for the analytic cost model (default: by device type).")
+flags.DEFINE_enum("cost_model", "analytic", ["analytic", "profiled"],
+                  "analytic: FLOPs and bytes against the device profile; profiled: measured on this mesh "
+                  "(minutes the first time, then cached under ~/.cache/keras_lwp).")
 flags.DEFINE_string("plan_out", None, "Write the chosen Strategy as JSON here.")
 
 
@@ -43,12 +46,21 @@ def main(argv):
     mesh = keras_lwp.make_mesh(FLAGS.mesh)
     model = zoo.build(FLAGS.model, FLAGS.image_size if FLAGS.model != "transformer" else None, FLAGS.classes)
     print(f"{FLAGS.model}: {model.count_params():,} parameters, batch {FLAGS.batch_size}, mesh {FLAGS.mesh}")
+    # Compiled first, so a profiled cost model times this optimizer's update.
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=FLAGS.model != "vgg16"
+                                                             and FLAGS.model != "inception_v3"
+                                                             and FLAGS.model != "resnet101"))
+    cost_model = FLAGS.cost_model
+    if cost_model == "profiled":  # one cost model for the baselines and the plan: measured once
+        cost_model = keras_lwp.cost.ProfiledCostModel(mesh, optimizer=model.optimizer)
     for baseline in ("data", "model", "owt"):
-        other = keras_lwp.search(model, mesh, FLAGS.batch_size, strategy=baseline, profile=FLAGS.profile)
+        other = keras_lwp.search(model, mesh, FLAGS.batch_size, strategy=baseline, profile=FLAGS.profile,
+                                 cost_model=cost_model)
         print(f"  predicted {baseline:>5}: {other.cost}")
     started = time.perf_counter()
     model = keras_lwp.parallelize(model, mesh, strategy=FLAGS.strategy, batch_size=FLAGS.batch_size,
-                                  profile=FLAGS.profile)
+                                  profile=FLAGS.profile, cost_model=cost_model)
     plan = keras_lwp.strategy_of(model)
     print(f"planned and sharded in {time.perf_counter() - started:.2f} s")
     print(plan.summary())
@@ -63,10 +75,6 @@ def main(argv):
     else:
         x = rng.standard_normal((samples,) + tuple(model.inputs[0].shape[1:]), dtype="float32")
     y = rng.integers(0, FLAGS.classes, samples)
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=FLAGS.model != "vgg16"
-                                                             and FLAGS.model != "inception_v3"
-                                                             and FLAGS.model != "resnet101"))
 
     times = []
     timer = keras.callbacks.LambdaCallback(

@@ -13,8 +13,9 @@ print(plan.summary())
 ```
 """
 
-from keras_lwp import callbacks, layers, layout_search, multihost
+from keras_lwp import callbacks, cost, layers, layout_search, multihost
 from keras_lwp.config import Config
+from keras_lwp.cost.cache import clear_cache
 from keras_lwp.mesh import MeshSpec, make_mesh, use_virtual_devices
 from keras_lwp.multihost import ClientFailedError, ClientMismatchError, initialize
 from keras_lwp.planner import MemoryLimitError, search
@@ -25,7 +26,7 @@ from keras_lwp.strategy import Strategy, StrategyCost
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClientFailedError", "ClientMismatchError", "Config", "MemoryLimitError", "MeshSpec", "Strategy", "StrategyCost", "callbacks",
-    "initialize", "layers", "layout_search", "make_mesh", "multihost", "parallelize", "plot_strategy", "search",
-    "strategy_of", "use_virtual_devices",
+    "ClientFailedError", "ClientMismatchError", "Config", "MemoryLimitError", "MeshSpec", "Strategy", "StrategyCost",
+    "callbacks", "clear_cache", "cost", "initialize", "layers", "layout_search", "make_mesh", "multihost", "parallelize",
+    "plot_strategy", "search", "strategy_of", "use_virtual_devices",
 ]

@@ -31,10 +31,12 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One place the layer is called: its input and output tensors."""
+    """One place the layer is called: its input and output tensors, and the Keras node of the call
+    (its arguments let the profiler call the layer the way the model does)."""
 
     inputs: tuple
     outputs: tuple
+    node: object = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,7 @@ class _Reader:
                     LayerCall(
                         tuple(self.tensor_info(t) for t in inputs),
                         tuple(self.tensor_info(t) for t in node.output_tensors),
+                        node,
                     )
                 )
                 for input_index, tensor in enumerate(inputs):

@@ -20,10 +20,10 @@ import numpy as np
 
 from keras_lwp import layout_search
 from keras_lwp.config import REPLICATED, Config
-from keras_lwp.cost.devices import get_profile
 from keras_lwp.cost import volume
+from keras_lwp.cost.devices import get_profile
 from keras_lwp.cost.memory import Memory, layer_memory
-from keras_lwp.cost.model import AnalyticCostModel, CostModel
+from keras_lwp.cost.model import COST_MODELS, AnalyticCostModel, CostModel, make_cost_model
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, check_dims, configurations, rule_for, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
@@ -33,7 +33,7 @@ BASELINES = ("data", "model", "owt")
 
 
 def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profile=None,
-           cost_model=None, strict=False, space="runnable", hidden_dimensions=False, memory_limit=None):
+           cost_model="analytic", strict=False, space="runnable", hidden_dimensions=False, memory_limit=None):
     """Plan a parallelization of `model` over `mesh` without touching the model.
 
     Args:
@@ -47,7 +47,10 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
             optimizes the rest around them.
         profile: a device profile name (keras_lwp.cost.PROFILES) or DeviceProfile; default by the
             mesh's device type.
-        cost_model: a keras_lwp.cost.CostModel (overrides `profile`), built for `mesh`.
+        cost_model: "analytic" (from the device `profile`), "profiled" (measured on this process's
+            devices, cached on disk: keras_lwp.cost.ProfiledCostModel; it times the update of the
+            model's compiled optimizer, else Adam), or a keras_lwp.cost.CostModel built for `mesh`
+            (its `for_mesh` gives the flattened mesh's).
         strict: raise instead of planning a layer with no rule as replicated.
         space: "runnable" plans only the splits keras_lwp runs on DTensor today (what `parallelize`
             executes); "full" adds the rest of every rule's dimensions (the paper's whole space),
@@ -68,35 +71,52 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
     batch_size = _batch_size(model, spec, batch_size)
     graph = layer_graph(model, batch_size)
     return plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict, space,
-                      hidden_dimensions, memory_limit)
+                      hidden_dimensions, memory_limit, optimizer=getattr(model, "optimizer", None))
 
 
 class MemoryLimitError(ValueError):
     """No plan (or not the plan asked for) fits the memory limit of one device."""
 
 
-def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile=None, cost_model=None,
-               strict=False, space="runnable", hidden_dimensions=False, memory_limit=None):
-    """`search` from an already-read layer graph (keras_lwp.graph.layer_graph) and a MeshSpec."""
+def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile=None, cost_model="analytic",
+               strict=False, space="runnable", hidden_dimensions=False, memory_limit=None, optimizer=None):
+    """`search` from an already-read layer graph (keras_lwp.graph.layer_graph) and a MeshSpec;
+    `optimizer` is the one a "profiled" cost model times the update of."""
     spec = mesh_spec_of(mesh)
     if space not in ("runnable", "full"):
         raise ValueError(f"space must be 'runnable' or 'full'. Received: space={space!r}")
     _check_batch(graph, spec, batch_size)
-    if cost_model is not None and not isinstance(cost_model, CostModel):
-        raise TypeError(f"cost_model must be a keras_lwp.cost.CostModel. Received: {cost_model!r}")
+    cost_models = {}  # one per mesh searched: the given one and its flattened version
+    if cost_model is None:
+        cost_model = "analytic"
+    if isinstance(cost_model, CostModel):
+        cost_models[cost_model.mesh] = cost_model
+    elif not isinstance(cost_model, str):
+        raise TypeError(f"cost_model must be 'analytic', 'profiled' or a keras_lwp.cost.CostModel. "
+                        f"Received: {cost_model!r} of type {type(cost_model).__name__}")
+    elif cost_model not in COST_MODELS:
+        raise ValueError(f"cost_model must be one of {', '.join(repr(k) for k in COST_MODELS)} or a "
+                         f"keras_lwp.cost.CostModel. Received: cost_model={cost_model!r}")
     warned = set()  # one warning per unknown layer class per plan
+
+    def cost_model_for(mesh_spec):
+        if mesh_spec not in cost_models:
+            if isinstance(cost_model, str):
+                cost_models[mesh_spec] = make_cost_model(cost_model, mesh_spec, profile, optimizer)
+            else:  # a given model's sibling on this mesh, or (a model that has none) the analytic one
+                sibling = cost_model.for_mesh(mesh_spec)
+                cost_models[mesh_spec] = sibling if sibling is not None else AnalyticCostModel(mesh_spec, profile)
+        return cost_models[mesh_spec]
 
     problems = {}
 
     def problem_for(mesh_spec):
         if mesh_spec not in problems:
-            model_for_mesh = cost_model if cost_model is not None and cost_model.mesh == mesh_spec else None
-            problems[mesh_spec] = Problem(graph, mesh_spec, model_for_mesh or AnalyticCostModel(mesh_spec, profile),
-                                          strict, warned, space)
+            problems[mesh_spec] = Problem(graph, mesh_spec, cost_model_for(mesh_spec), strict, warned, space)
         return problems[mesh_spec]
 
     if memory_limit == "auto":
-        memory_limit = (cost_model.profile if cost_model is not None else get_profile(profile, spec)).memory_bytes
+        memory_limit = get_profile(profile, spec).memory_bytes
     if memory_limit is not None and not (isinstance(memory_limit, (int, float)) and memory_limit > 0):
         raise ValueError(f"memory_limit must be a number of bytes > 0 or 'auto'. Received: {memory_limit!r}")
 
@@ -234,8 +254,16 @@ class Problem:
             table += unique[np.ix_(src_index, dst_index)]
         return table
 
+    def prepare(self, allowed):
+        """Let the cost model measure, at once, every layer configuration the tables will ask for."""
+        requests = [(self.graph.nodes[name]["info"], self.rules[name], self.dims[name], config)
+                    for name in self.nodes for config in allowed[name] if (name, config) not in self._layer_costs]
+        if requests:
+            self.cost_model.prepare(requests)
+
     def cost_graph(self, allowed):
         """The search's input: node and edge cost tables as layout_search.optimal_assignment takes them."""
+        self.prepare(allowed)
         g = nx.DiGraph()
         for name in self.nodes:
             configs = allowed[name]
@@ -368,6 +396,7 @@ class Problem:
 
     def evaluate(self, assignment, name):
         """The Strategy for `assignment`, with per-layer and per-edge predicted costs and memory."""
+        self.prepare({name: [assignment[name]] for name in self.nodes})
         compute = sync = transfer = 0.0
         layers = {}
         for node in self.nodes:
@@ -386,8 +415,8 @@ class Problem:
         communication += sum(e.nbytes for e in edges)
         return Strategy(
             {n: assignment[n] for n in self.nodes}, self.mesh, name=name,
-            cost=StrategyCost(compute, sync, transfer), memory=memory.total, layers=layers,
-            profile=getattr(getattr(self.cost_model, "profile", None), "name", None),
+            cost=StrategyCost(compute, sync, transfer, getattr(self.cost_model, "step_overhead", 0.0)),
+            memory=memory.total, layers=layers, profile=getattr(self.cost_model, "name", None),
             memory_detail=memory, edges=edges, communication=communication,
         )
 

@@ -63,7 +63,7 @@ def strategy_of(model):
     return state.strategy
 
 
-def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, profile=None, cost_model=None,
+def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, profile=None, cost_model="analytic",
                 strict=False, hidden_dimensions=False, memory_limit=None):
     """Shard `model` over `mesh` layer by layer, then train it with the usual `compile`/`fit`.
 
@@ -75,7 +75,10 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
             keras_lwp.search or Strategy.from_json).
         overrides: {layer name or pattern: {dimension: mesh axis}} pinned for the search.
         batch_size: the global batch size to plan for (default: 32 per device).
-        profile, cost_model, strict, hidden_dimensions, memory_limit: as in keras_lwp.search.
+        profile, strict, hidden_dimensions, memory_limit: as in keras_lwp.search.
+        cost_model: "analytic", "profiled" (measure every layer configuration on this mesh once,
+            then read it from the cache; compile first so the profile times your optimizer's
+            update, else Adam's), or a keras_lwp.cost.CostModel; as in keras_lwp.search.
 
     Returns:
         The same model object, now running sharded; `keras_lwp.strategy_of(model)` is its plan.
@@ -103,7 +106,8 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
     if isinstance(strategy, str) and strategy.endswith(".json"):
         strategy = Strategy.from_json(strategy)
     plan = plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict,
-                      hidden_dimensions=hidden_dimensions, memory_limit=memory_limit)
+                      hidden_dimensions=hidden_dimensions, memory_limit=memory_limit,
+                      optimizer=getattr(model, "optimizer", None))
     run_mesh = _mesh_for(plan.mesh, dmesh)
     # Multi-client: every client must run this plan (keras_lwp.multihost) and start from the same weights.
     multihost.agree(f"the plan of model '{model.name}'", _what_runs(plan), advice=(
@@ -327,11 +331,12 @@ def _wrap_call(layer, place, mesh):
     import keras
     import tensorflow as tf
 
-    original = layer.call
     implementation = registered_rule(place.info).implementation(place.info, place.config)
-    if implementation is not None:
-        def original(*args, _implementation=implementation, **kwargs):
-            return _implementation(layer, place, mesh, *args, **kwargs)
+    if implementation is None:
+        original = layer.call
+    else:
+        def original(*args, **kwargs):
+            return implementation(layer, place, mesh, *args, **kwargs)
 
     @tf.autograph.experimental.do_not_convert
     def call(*args, **kwargs):

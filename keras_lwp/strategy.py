@@ -11,19 +11,23 @@ from keras_lwp.mesh import MeshSpec
 @dataclass(frozen=True)
 class StrategyCost:
     """Predicted seconds per training step, split as in Jia et al.: compute (t_c), parameter
-    synchronization (t_s) and transfer (t_x, plus the communication a layer's own split implies)."""
+    synchronization (t_s) and transfer (t_x, plus the communication a layer's own split implies);
+    `overhead` is what a step costs besides its layers (a profiled cost model measures it; the
+    same for every strategy on the same devices)."""
 
     compute: float
     sync: float
     transfer: float
+    overhead: float = 0.0
 
     @property
     def total(self):
-        return self.compute + self.sync + self.transfer
+        return self.compute + self.sync + self.transfer + self.overhead
 
     def __str__(self):
+        overhead = f", overhead {self.overhead * 1e3:.3f}" if self.overhead else ""
         return (f"{self.total * 1e3:.3f} ms/step (compute {self.compute * 1e3:.3f}, "
-                f"sync {self.sync * 1e3:.3f}, transfer {self.transfer * 1e3:.3f})")
+                f"sync {self.sync * 1e3:.3f}, transfer {self.transfer * 1e3:.3f}{overhead})")
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Strategy(Mapping):
         if self.cost is not None:
             line = f"predicted step: {self.cost}"
             if self.data_parallel:
-                data = sum(self.data_parallel.values())
+                data = sum(self.data_parallel.values()) + self.cost.overhead
                 line += f"; data parallelism: {data * 1e3:.3f} ms ({data / self.cost.total:.2f}x this plan's time)"
             text.append(line)
         if self.communication is not None:
@@ -203,6 +207,8 @@ class Strategy(Mapping):
         }
         if self.cost is not None:
             data["cost"] = {"compute": self.cost.compute, "sync": self.cost.sync, "transfer": self.cost.transfer}
+            if self.cost.overhead:
+                data["cost"]["overhead"] = self.cost.overhead
         if self.memory is not None:
             data["memory"] = self.memory
         if self.profile is not None:

@@ -57,10 +57,10 @@ def conv_stack(channels=8, size=32):
 
 def wide_head(features=1024, width=8192, classes=1000):
     """Huge dense layers, small batch: the model-parallel regime."""
-    inputs = keras.Input((features,))
-    x = keras.layers.Dense(width, activation="relu")(inputs)
-    x = keras.layers.Dense(width, activation="relu")(x)
-    return keras.Model(inputs, keras.layers.Dense(classes)(x), name="wide_head")
+    inputs = keras.Input((features,), name="features")
+    x = keras.layers.Dense(width, activation="relu", name="fc1")(inputs)
+    x = keras.layers.Dense(width, activation="relu", name="fc2")(x)
+    return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="wide_head")
 
 
 def mobile_block(size=8):

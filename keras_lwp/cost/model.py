@@ -9,8 +9,11 @@
 - `CostModel.transfer_cost` gives t_x: the relayout of an activation forward and of its gradient
   backward, from the bytes that move (keras_lwp.cost.comm).
 
-`AnalyticCostModel` derives all of it from FLOPs and bytes against a DeviceProfile. A profiled
-model (issue 5) implements the same two methods.
+- `CostModel.step_overhead` is what a training step costs besides its layers (the same for every
+  strategy on the same devices; reported, not searched over).
+
+`AnalyticCostModel` derives all of it from FLOPs and bytes against a DeviceProfile;
+`keras_lwp.cost.ProfiledCostModel` measures it on the mesh. `make_cost_model` builds either by name.
 """
 
 import math
@@ -47,7 +50,24 @@ def _is_float(dtype):
 
 
 class CostModel:
-    """Interface of every cost model (analytic, profiled)."""
+    """Interface of every cost model (analytic, profiled).
+
+    Attributes:
+        mesh: the MeshSpec the costs are for.
+        name: a short name the Strategy reports ("profiled", a device profile's name).
+    """
+
+    name = None
+    step_overhead = 0.0  # seconds per training step besides the layers
+
+    def for_mesh(self, mesh):
+        """The same kind of cost model for another mesh of the same devices (the planner also
+        searches the flattened mesh), or None to leave that mesh to the analytic model."""
+        return None
+
+    def prepare(self, requests):
+        """Called with every [(info, rule, dims, config)] a cost table is about to ask for: a model that
+        measures can do it all at once here. Optional."""
 
     def layer_cost(self, info, rule, dims, config):
         """LayerCost of one layer (LayerInfo, its rule and DimSpecs) under a Config."""
@@ -73,6 +93,13 @@ class AnalyticCostModel(CostModel):
 
     def __repr__(self):
         return f"AnalyticCostModel({self.mesh}, profile={self.profile.name!r})"
+
+    @property
+    def name(self):
+        return self.profile.name
+
+    def for_mesh(self, mesh):
+        return AnalyticCostModel(mesh, self.profile)
 
     def _roofline(self, flops, nbytes):
         p = self.profile
@@ -160,3 +187,21 @@ class AnalyticCostModel(CostModel):
         if _is_float(tensor.dtype):  # the gradient travels back
             seconds += relayout_time(tensor.nbytes, dst_layout, src_layout, self.mesh, self.profile)
         return seconds
+
+
+COST_MODELS = ("analytic", "profiled")
+
+
+def make_cost_model(kind, mesh, profile=None, optimizer=None):
+    """A cost model by name for `mesh` (a MeshSpec): "analytic" (from `profile`) or "profiled"
+    (measured on this process's devices; `optimizer` is the one whose update it times)."""
+    if kind == "analytic":
+        return AnalyticCostModel(mesh, profile)
+    if kind == "profiled":
+        from keras_lwp.cost.profiled import ProfiledCostModel
+
+        return ProfiledCostModel(mesh, optimizer=optimizer)
+    raise ValueError(
+        f"cost_model must be one of {', '.join(repr(k) for k in COST_MODELS)} or a keras_lwp.cost.CostModel. "
+        f"Received: cost_model={kind!r}"
+    )

@@ -1,0 +1,611 @@
+"""A cost model measured on the real mesh, as Jia et al. (2018, Sec. 5.1) do it.
+
+    t_o(G, S) = overhead + sum_l (t_c(l, c_l) + t_s(l, c_l)) + sum_e t_x(e, c_u, c_v)
+
+- t_c: each (layer signature, configuration) is run on the mesh the way `parallelize` runs it: a
+  copy of the layer, its weights DVariables with the configuration's layouts, its call rewrapped by
+  `keras_lwp.runtime._wrap_call` (so the splits keras_lwp implements itself, a convolution's
+  channels and rows, run their real halo exchange and partial sums), inputs and output gradients
+  DTensors in the configuration's layouts. One `tf.function` does the forward pass and the backward
+  pass (input and weight gradients); it is called in a few rounds after a warm-up and the fastest
+  round's time per call is kept (`steady`), less that of an empty function over the same number of
+  arguments (the call's own dispatch, paid once per training step, not once per layer). An InputLayer's t_c is packing a
+  batch onto the mesh in its layout.
+- t_s: the gradient all-reduce over the axes that split the work but not the weight, from the
+  fitted collectives (keras_lwp.cost.collectives), plus the optimizer's update of the weights'
+  shards, measured. DTensor all-reduces the weight gradients inside the measured backward pass, so
+  t_c is the measured time less the fitted all-reduce: the sum is what was measured.
+- t_x: relayouts between layers (forward, and their gradient backward) from the fitted all-gather
+  and all-to-all; a layer's own communication (partial sums, halos) is inside its t_c.
+- overhead: what a training step costs besides its layers (fit's loop, the loss, the labels, the
+  step's dispatch), measured by training a one-Dense model with `fit` on the same devices, less that
+  model's own layer costs. The same for every strategy on the same devices.
+
+On a mesh of logical CPU devices every device's work shares the machine's cores, so nothing here
+assumes devices run in parallel: whatever the mesh does is what is measured.
+
+Identical layers (same class, configuration, shapes and weights) are measured once. Everything is
+kept on disk (keras_lwp.cost.cache), so a second plan of the same model is instant.
+"""
+
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+
+from keras_lwp.config import Config
+from keras_lwp.cost.cache import ProfileCache, digest
+from keras_lwp.cost.collectives import CollectiveModel, measure_collectives
+from keras_lwp.cost.model import AnalyticCostModel, CostModel, LayerCost, _is_float
+from keras_lwp.layers.base import Placement
+from keras_lwp.mesh import mesh_spec_of
+
+# Bump when what is measured, or how, changes: older cache entries are then ignored.
+PROFILER_VERSION = 3
+# Message sizes (bytes per device) the collectives are timed at.
+COLLECTIVE_SIZES = (16 * 2**10, 512 * 2**10, 4 * 2**20)
+DEFAULT_OPTIMIZER = "adam"
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+def block(outputs):
+    """Wait until every tensor in `outputs` (DTensors too) is computed: a DTensor step is dispatched
+    asynchronously. Reading each device's component is a view on CPU, not a copy."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    for tensor in tf.nest.flatten(outputs, expand_composites=True):
+        if tensor is None or not tf.is_tensor(tensor):
+            continue
+        if dtensor.is_dtensor(tensor):
+            for component in dtensor.unpack(tensor):
+                component.numpy()
+        else:
+            tensor.numpy()
+
+
+def steady(samples):
+    """The statistic kept of repeated timings: the fastest. Other work on the machine (other
+    processes on shared cores) can only make a round slower, so the fastest round is the best
+    estimate of what the layer costs on its own, and the least sensitive to that work coming and
+    going between the profile and the training it predicts."""
+    return min(samples)
+
+
+def time_call(fn, args=(), rounds=5, target=0.01, max_calls=16):
+    """Seconds per call of `fn(*args)` in the steady state: one call to trace, one to warm up and
+    size the rounds, then `rounds` rounds of back-to-back calls (each lasting about `target` seconds,
+    waiting only at its end, as consecutive training steps do); `steady` of the rounds. Slow
+    functions (over 0.1 s a call) get three rounds of one call."""
+    block(fn(*args))
+    start = time.perf_counter()
+    block(fn(*args))
+    once = time.perf_counter() - start
+    calls = int(min(max_calls, max(1, round(target / max(once, 1e-6)))))
+    if once > 0.1:
+        rounds = min(rounds, 3)
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        block(out)
+        samples.append((time.perf_counter() - start) / calls)
+    return steady(samples)
+
+
+# -- what identifies a measurement ------------------------------------------------------------------
+
+def layer_signature(info):
+    """What a layer's time depends on: class, Keras configuration (less its name and initializers),
+    the shapes and dtypes of every call, and its weights. Identical layers share it."""
+    config = {k: v for k, v in info.config.items() if k != "name" and not k.endswith("_initializer")}
+    return {
+        "class": info.class_name,
+        "config": config,
+        "calls": [[[[list(t.shape), t.dtype] for t in call.inputs], [[list(t.shape), t.dtype] for t in call.outputs]]
+                  for call in info.calls],
+        "weights": [[w.name.rsplit("/", 1)[-1], list(w.shape), w.dtype, w.trainable] for w in info.weights],
+    }
+
+
+def _describe(info, config):
+    shapes = " ".join("x".join(map(str, t.shape)) for t in info.calls[0].inputs) or "-"
+    return f"{info.class_name} {shapes} -> {'x'.join(map(str, info.output.shape))} {config}"
+
+
+def machine_context(device_type):
+    """The machine a measurement belongs to: device kind and count, and software versions."""
+    import keras
+    import tensorflow as tf
+
+    import keras_lwp
+
+    kind = None
+    if device_type == "GPU":
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            kind = tf.config.experimental.get_device_details(gpus[0]).get("device_name")
+    if kind is None:
+        kind = _cpu_name()
+    return {
+        "device_kind": kind,
+        "device_type": device_type,
+        "logical_devices": len(tf.config.list_logical_devices(device_type)),
+        "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_lwp": keras_lwp.__version__,
+        "profiler": PROFILER_VERSION,
+    }
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _optimizer(spec):
+    """A fresh Keras optimizer like `spec` (an optimizer, a name, or None for Adam)."""
+    import keras
+
+    if spec is None:
+        spec = DEFAULT_OPTIMIZER
+    if isinstance(spec, str):
+        return keras.optimizers.get(spec)
+    return type(spec).from_config(spec.get_config())
+
+
+def optimizer_key(spec):
+    """What an update's time depends on: the optimizer's class and settings (not its learning rate)."""
+    if spec is None:
+        spec = DEFAULT_OPTIMIZER
+    if isinstance(spec, str):
+        return spec.lower()
+    config = {k: v for k, v in spec.get_config().items() if k not in ("name", "learning_rate")}
+    return [type(spec).__name__, config]
+
+
+class ProfileError(Exception):
+    """A layer configuration could not be run on its own (the analytic estimate is used instead)."""
+
+
+# -- the cost model ----------------------------------------------------------------------------------
+
+class ProfiledCostModel(CostModel):
+    """Costs measured on this process's devices (see the module docstring).
+
+    Args:
+        mesh: the mesh to plan for (a MeshSpec, dict, dtensor.Mesh or keras DeviceMesh); it must fit
+            this process's devices.
+        optimizer: the optimizer whose update is timed (a Keras optimizer, a name); default the
+            model's compiled optimizer when `parallelize`/`search` build the model, else Adam.
+        cache_dir: where measurements are kept (default: $KERAS_LWP_CACHE or ~/.cache/keras_lwp).
+        progress: show a progress bar while measuring.
+        rounds: timed rounds per measurement (the fastest is kept: `steady`).
+
+    Example:
+
+    ```python
+    model = keras_lwp.parallelize(model, mesh, cost_model="profiled")       # measures, then caches
+    expert = keras_lwp.cost.ProfiledCostModel(mesh, optimizer="sgd", cache_dir="/tmp/profiles")
+    plan = keras_lwp.search(model, mesh, cost_model=expert)
+    ```
+    """
+
+    name = "profiled"
+
+    def __init__(self, mesh, optimizer=None, cache_dir=None, progress=True, rounds=5):
+        self.mesh = mesh_spec_of(mesh)
+        self.optimizer = optimizer
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.rounds = rounds
+        self._analytic = AnalyticCostModel(self.mesh)
+        self._cache = None
+        self._dmesh = None
+        self._collectives = None
+        self._overhead = None
+        self._siblings = {self.mesh: self}
+        self._measured = {}    # layer key -> seconds (None: not runnable, analytic instead)
+        self._updates = {}     # update key -> seconds
+        self._baselines = {}   # number of arguments -> seconds of an empty call
+        self._transfers = {}
+        self._warned = set()
+
+    def __repr__(self):
+        return f"ProfiledCostModel({self.mesh}, optimizer={self.optimizer!r})"
+
+    def for_mesh(self, mesh):
+        """The same measurements on another mesh of the same devices (the flattened one)."""
+        spec = mesh_spec_of(mesh)
+        if spec not in self._siblings:
+            sibling = type(self)(spec, self.optimizer, self.cache_dir, self.progress, self.rounds)
+            sibling._siblings = self._siblings
+            self._siblings[spec] = sibling
+        return self._siblings[spec]
+
+    # -- plumbing ------------------------------------------------------------------------------
+    @property
+    def cache(self):
+        if self._cache is None:
+            self._cache = ProfileCache(machine_context(self.mesh.device_type), self.cache_dir)
+        return self._cache
+
+    @property
+    def dmesh(self):
+        if self._dmesh is None:
+            from keras_lwp.mesh import make_mesh
+
+            self._dmesh = make_mesh(self.mesh, device_type=self.mesh.device_type)
+        return self._dmesh
+
+    def _mesh_key(self):
+        return [list(map(list, self.mesh.axes)), self.mesh.device_type]
+
+    def _layer_key(self, info, config):
+        return digest([PROFILER_VERSION, layer_signature(info), config.to_dict(), self._mesh_key()])
+
+    def _update_key(self, info, place):
+        weights = [[list(w.shape), w.dtype, list(place.weight_layout(i))]
+                   for i, w in enumerate(info.weights) if w.trainable]
+        return digest([optimizer_key(self.optimizer), weights, self._mesh_key()]) if weights else None
+
+    # -- what the planner calls ----------------------------------------------------------------
+    def prepare(self, requests):
+        """Measure what the layer costs of `requests` [(info, rule, dims, config)] need and the cache
+        lacks, with one progress bar; then the tables are built from memory."""
+        layers, updates = {}, {}
+        for info, _, dims, config in requests:
+            key = self._layer_key(info, config)
+            if key not in self._measured and self.cache.get("layers", key) is None and key not in layers:
+                layers[key] = (info, dims, config)
+            place = Placement(info, dims, config, self.mesh)
+            update = self._update_key(info, place)
+            if update and update not in self._updates and self.cache.get("updates", update) is None:
+                updates.setdefault(update, (info, place))
+        collectives = self._collectives is None and self.cache.get("collectives", self._collectives_key()) is None
+        overhead = self._overhead is None and self.cache.get("overhead", self._overhead_key()) is None
+        total = len(layers) + len(updates) + (len(_collective_count(self.mesh)) if collectives else 0) + overhead
+        if not total:
+            return
+        bar = self._progress_bar(total, f"{len(layers)} layer configurations, {len(updates)} weight updates"
+                                 + (", collectives" if collectives else "") + (", fit's step overhead" if overhead else ""))
+        try:
+            if collectives:
+                self._collectives = self._measure_collectives(bar)
+            for key, (info, dims, config) in layers.items():
+                self._layer_seconds(info, dims, config, key)
+                bar.add(1)
+            for key, (info, place) in updates.items():
+                self._update_seconds(info, place, key)
+                bar.add(1)
+            if overhead:
+                self.step_overhead  # noqa: B018 (measures and caches)
+                bar.add(1)
+        finally:
+            self.cache.save()
+
+    def layer_cost(self, info, rule, dims, config):
+        analytic = self._analytic.layer_cost(info, rule, dims, config)
+        measured = self._layer_seconds(info, dims, config)
+        if measured is None:
+            return analytic
+        place = Placement(info, dims, config, self.mesh)
+        allreduce = 0.0
+        for index, weight in enumerate(info.weights):
+            if weight.trainable:
+                shard = weight.nbytes / _split(place.weight_layout(index), self.mesh)
+                allreduce += self.collectives.allreduce_time(shard, place.weight_grad_partial_axes(index))
+        # DTensor all-reduced the gradients inside the measured backward pass: split the measured time
+        # into the all-reduce the fitted collectives predict (at most all of it) and the rest.
+        allreduce = min(allreduce, measured)
+        update = self._update_seconds(info, place)
+        return LayerCost(measured - allreduce, allreduce + update, 0.0, analytic.memory)
+
+    def transfer_table(self, tensor, src_layouts, dst_layouts):
+        table = np.empty((len(src_layouts), len(dst_layouts)))
+        backward = _is_float(tensor.dtype)
+        for i, src in enumerate(src_layouts):
+            for j, dst in enumerate(dst_layouts):
+                table[i, j] = self._relayout(tensor.nbytes, src, dst)
+                if backward:  # the gradient travels back
+                    table[i, j] += self._relayout(tensor.nbytes, dst, src)
+        return table
+
+    def transfer_cost(self, tensor, src_layout, dst_layout):
+        return float(self.transfer_table(tensor, [tuple(src_layout)], [tuple(dst_layout)])[0, 0])
+
+    def _relayout(self, nbytes, src, dst):
+        if src == dst:
+            return 0.0
+        return self.collectives.relayout_time(nbytes, src, dst)
+
+    @property
+    def step_overhead(self):
+        """Seconds a training step costs besides its layers (measured once per devices and optimizer)."""
+        if self._overhead is None:
+            key = self._overhead_key()
+            found = self.cache.get("overhead", key)
+            if found is None:
+                found = self._measure_overhead()
+                self.cache.put("overhead", key, found)
+                self.cache.save()
+            self._overhead = found
+        return self._overhead
+
+    @property
+    def collectives(self):
+        """The fitted CollectiveModel of this mesh (measured on first use)."""
+        if self._collectives is None:
+            found = self.cache.get("collectives", self._collectives_key())
+            if found is not None:
+                self._collectives = CollectiveModel.from_dict(self.mesh, found)
+            else:
+                bar = self._progress_bar(len(_collective_count(self.mesh)), "collectives")
+                self._collectives = self._measure_collectives(bar)
+                self.cache.save()
+        return self._collectives
+
+    # -- measuring ------------------------------------------------------------------------------
+    def _progress_bar(self, total, what):
+        import keras
+
+        if self.progress:
+            print(f"keras_lwp: profiling {what} on {self.mesh} (cached in {os.path.dirname(self.cache.path)})")
+        return keras.utils.Progbar(total, verbose=1 if self.progress else 0, unit_name="measurement")
+
+    def _collectives_key(self):
+        return digest(["collectives", self._mesh_key(), COLLECTIVE_SIZES])
+
+    def _measure_collectives(self, bar):
+        model = measure_collectives(self.dmesh, self.mesh, COLLECTIVE_SIZES,
+                                    lambda fn, args: time_call(fn, args, self.rounds), self._baseline(1),
+                                    lambda: bar.add(1))
+        self.cache.put("collectives", self._collectives_key(), model.to_dict())
+        return model
+
+    def _overhead_key(self):
+        return digest(["overhead", self.mesh.size, self.mesh.device_type, optimizer_key(self.optimizer)])
+
+    def _baseline(self, count):
+        """Seconds of a call to a tf.function that returns its `count` mesh arguments untouched."""
+        if count not in self._baselines:
+            import tensorflow as tf
+
+            from keras_lwp.runtime import to_mesh
+
+            # One op per argument, so the function runs on every device like the layer's does.
+            args = [to_mesh(np.zeros((self.mesh.size,), "float32"), (None,), self.dmesh) for _ in range(count)]
+            empty = tf.function(lambda *xs: [tf.identity(x) for x in xs])
+            self._baselines[count] = time_call(empty, args, max(self.rounds, 7))
+        return self._baselines[count]
+
+    def _layer_seconds(self, info, dims, config, key=None):
+        """Measured seconds of the layer's forward + backward under `config`; None when it cannot run
+        on its own (the analytic estimate stands in, with a warning)."""
+        key = key or self._layer_key(info, config)
+        if key in self._measured:
+            return self._measured[key]
+        found = self.cache.get("layers", key)
+        if found is None:
+            try:
+                seconds = self._measure_layer(info, dims, config)
+            except ProfileError as error:
+                self._warn(info, config, error)
+                seconds = None
+            found = {"seconds": seconds, "layer": _describe(info, config)}
+            self.cache.put("layers", key, found)
+        self._measured[key] = found["seconds"]
+        return found["seconds"]
+
+    def _warn(self, info, config, error):
+        if (info.class_name, str(error)) in self._warned:
+            return
+        self._warned.add((info.class_name, str(error)))
+        warnings.warn(f"keras_lwp could not profile layer '{info.name}' ({info.class_name}) under {config} on "
+                      f"{self.mesh}: {error}. Its analytic estimate is used instead.", stacklevel=3)
+
+    def _measure_layer(self, info, dims, config):
+        by_name = {d.name: d for d in dims}
+        if any(not by_name[d].native for d in config):
+            raise ProfileError("the configuration splits a dimension keras_lwp does not run")
+        place = Placement(info, dims, config, self.mesh)
+        if info.class_name == "InputLayer":
+            return self._measure_input(info, place)
+        import tensorflow as tf
+
+        try:
+            step, args = self._layer_step(info, place)
+            seconds = time_call(step, args, self.rounds)
+        except ProfileError:
+            raise
+        except Exception as error:  # noqa: BLE001 (any failure to build or run: say which, fall back)
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ProfileError(f"{type(error).__name__}: {first_line}") from error
+        return max(seconds - self._baseline(len(tf.nest.flatten(args))), 0.0)
+
+    def _measure_input(self, info, place):
+        """A batch packed onto the mesh in the input's layout (fit does it every step)."""
+        import tensorflow as tf
+
+        from keras_lwp.runtime import to_mesh
+
+        value = tf.constant(_host_value(info.output, info))
+        layout = place.output_layout(info.output)
+        return time_call(lambda: to_mesh(value, layout, self.dmesh), (), self.rounds)
+
+    def _layer_step(self, info, place):
+        """A tf.function running the layer forward and backward under `place` as `parallelize` runs
+        it, and its mesh arguments."""
+        import keras
+        import tensorflow as tf
+
+        from keras_lwp.runtime import _variable_to_mesh, _wrap_call, to_mesh
+
+        if any(call.node is None for call in info.calls) or info.layer is None:
+            raise ProfileError("the layer graph does not say how the model calls it")
+        try:
+            clone = type(info.layer).from_config(info.layer.get_config())
+        except Exception as error:  # noqa: BLE001
+            raise ProfileError(f"the layer cannot be rebuilt from its config ({error})") from error
+        call = info.calls[0]
+        symbolic = {id(t): keras.KerasTensor(i.shape, i.dtype) for t, i in zip(call.node.input_tensors, call.inputs)}
+        args, kwargs = call.node.arguments.fill_in(symbolic)
+        clone(*args, **kwargs)  # builds the weights
+        if len(clone.weights) != len(info.weights):
+            raise ProfileError("the rebuilt layer has different weights")
+        for index, weight in enumerate(clone.weights):
+            _variable_to_mesh(weight, place.weight_layout(index), self.dmesh)
+        _wrap_call(clone, place, self.dmesh)
+        training = "training" in getattr(clone, "_call_context_args", ())
+        inputs = [[to_mesh(_host_value(t, info), place.input_layout(i, t), self.dmesh) for i, t in enumerate(c.inputs)]
+                  for c in info.calls]
+        grads = [[to_mesh(_host_value(t, info), place.output_layout(t), self.dmesh) for t in c.outputs if _is_float(t.dtype)]
+                 for c in info.calls]
+        calls = info.calls
+
+        @tf.function
+        def step(inputs, grads):
+            results = []
+            for c, xs, dys in zip(calls, inputs, grads):
+                floats = [x for x, t in zip(xs, c.inputs) if _is_float(t.dtype)]
+                with tf.GradientTape() as tape:
+                    for x in floats:
+                        tape.watch(x)
+                    a, k = c.node.arguments.fill_in({id(t): x for t, x in zip(c.node.input_tensors, xs)})
+                    if training:
+                        k = dict(k, training=True)
+                    out = clone(*a, **k)
+                outs = [o for o, t in zip(keras.tree.flatten(out), c.outputs) if _is_float(t.dtype)]
+                sources = floats + list(clone.trainable_variables)
+                gradients = tape.gradient(outs, sources, output_gradients=dys) if outs and sources else []
+                results.extend(g for g in gradients if g is not None)
+                if not results:
+                    results.extend(keras.tree.flatten(out))
+            return results
+
+        return step, (inputs, grads)
+
+    def _update_seconds(self, info, place, key=None):
+        """Measured seconds of the optimizer's update of the layer's trainable weights in their layouts."""
+        key = key or self._update_key(info, place)
+        if key is None:
+            return 0.0
+        if key in self._updates:
+            return self._updates[key]
+        found = self.cache.get("updates", key)
+        if found is None:
+            found = self._measure_update(info, place)
+            self.cache.put("updates", key, found)
+        self._updates[key] = found
+        return found
+
+    def _measure_update(self, info, place):
+        import keras
+        import tensorflow as tf
+
+        from keras_lwp.runtime import _host_slots, _variable_to_mesh, spec_of, to_mesh
+
+        weights = [(w, place.weight_layout(i)) for i, w in enumerate(info.weights) if w.trainable]
+        variables = []
+        for weight, layout in weights:
+            variable = keras.Variable(np.zeros(weight.shape, weight.dtype), dtype=weight.dtype,
+                                      name=weight.name.rsplit("/", 1)[-1])
+            _variable_to_mesh(variable, layout, self.dmesh)
+            variables.append(variable)
+        optimizer = _optimizer(self.optimizer)
+        _host_slots(optimizer)
+        optimizer.build(variables)
+        for variable in optimizer.variables:
+            layout = getattr(variable, "_layout", None)
+            _variable_to_mesh(variable, spec_of(layout) if layout is not None else (None,) * len(variable.shape),
+                              self.dmesh)
+        gradients = [to_mesh(np.full(w.shape, 1e-3, w.dtype), layout, self.dmesh) for w, layout in weights]
+
+        @tf.function
+        def update(gradients):
+            optimizer.apply(gradients, variables)
+            # Not the weights: a read of them still held at the next update would make that update
+            # copy every weight first (copy-on-write), which a training step does not do.
+            return optimizer.iterations.value
+
+        return max(time_call(update, (gradients,), self.rounds) - self._baseline(len(gradients)), 0.0)
+
+    def _measure_overhead(self):
+        """Seconds per `fit` step of a one-Dense model, data parallel, less its own layer costs."""
+        import keras
+
+        from keras_lwp.graph import layer_graph
+        from keras_lwp.layers import dimensions_of, rule_for
+        from keras_lwp.mesh import make_mesh
+        from keras_lwp.runtime import parallelize
+
+        flat = self.mesh.flattened()
+        sibling = self.for_mesh(flat)
+        (axis, _), = flat.axes
+        batch, steps, epochs = 4 * flat.size, 10, 5
+        inputs = keras.Input((1,), name="keras_lwp_probe_input")
+        tiny = keras.Model(inputs, keras.layers.Dense(2, name="keras_lwp_probe_dense")(inputs))
+        graph = layer_graph(tiny, batch)
+        parallelize(tiny, make_mesh(flat, device_type=flat.device_type), strategy="data", batch_size=batch,
+                    cost_model="analytic")
+        tiny.compile(_optimizer(self.optimizer), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = np.zeros((batch * steps, 1), "float32")
+        y = np.zeros((batch * steps,), "int32")
+
+        class EpochTimer(keras.callbacks.Callback):
+            """From the first step's start (after fit made the epoch's data iterator) to the epoch's
+            end (after fit read the last step's results)."""
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if batch == 0:
+                    self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds.append((time.perf_counter() - self.start) / steps)
+
+        seconds = []
+        # Arrays, as most fit calls get; one call, the first epoch traces and warms up. The timer leaves
+        # out making and dropping the epoch's data iterator (a cost per epoch, not per step).
+        tiny.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[EpochTimer()])
+        seconds = seconds[1:]
+        layers = 0.0
+        for name in graph:
+            info = graph.nodes[name]["info"]
+            cost = sibling.layer_cost(info, rule_for(info), dimensions_of(info), Config({"sample": axis}))
+            layers += cost.total
+        return max(steady(seconds) - layers, 0.0)
+
+
+def _collective_count(mesh):
+    from keras_lwp.cost.collectives import collective_cases
+
+    return {(kind, axes) for kind, axes, *_ in collective_cases(mesh)}
+
+
+def _split(layout, mesh):
+    return math.prod(mesh.axis_size(a) for a in layout if a is not None)
+
+
+def _host_value(tensor, info):
+    """Data of a tensor's shape and dtype: normal floats, integer ids valid for an Embedding."""
+    rng = np.random.default_rng(0)
+    if _is_float(tensor.dtype):
+        return rng.standard_normal(tensor.shape).astype(tensor.dtype)
+    high = int(info.config.get("input_dim", 2)) if info.class_name == "Embedding" else 2
+    return rng.integers(0, high, tensor.shape).astype(tensor.dtype)
+
+
+__all__ = ["ProfiledCostModel", "block", "layer_signature", "machine_context", "time_call"]

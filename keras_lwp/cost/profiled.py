@@ -44,7 +44,7 @@ from keras_lwp.layers.base import Placement
 from keras_lwp.mesh import mesh_spec_of
 
 # Bump when what is measured, or how, changes: older cache entries are then ignored.
-PROFILER_VERSION = 5
+PROFILER_VERSION = 6
 # Message sizes (bytes per device) the collectives are timed at.
 COLLECTIVE_SIZES = (16 * 2**10, 512 * 2**10, 4 * 2**20)
 DEFAULT_OPTIMIZER = "adam"
@@ -109,8 +109,8 @@ def layer_signature(info):
     return {
         "class": info.class_name,
         "config": config,
-        "calls": [[[[list(t.shape), t.dtype] for t in call.inputs], [[list(t.shape), t.dtype] for t in call.outputs]]
-                  for call in info.calls],
+        "calls": [[[[list(t.shape), t.dtype] for t in call.inputs], [[list(t.shape), t.dtype] for t in call.outputs],
+                   [bool(g) for g in _input_gradients(call)]] for call in info.calls],
         "weights": [[w.name.rsplit("/", 1)[-1], list(w.shape), w.dtype, w.trainable] for w in info.weights],
     }
 
@@ -487,7 +487,8 @@ class ProfiledCostModel(CostModel):
         def step(inputs, grads):
             results = []
             for c, xs, dys in zip(calls, inputs, grads):
-                floats = [x for x, t in zip(xs, c.inputs) if _is_float(t.dtype)]
+                # Only the inputs training differentiates (not the model's own inputs).
+                floats = [x for x, needed in zip(xs, _input_gradients(c)) if needed]
                 with tf.GradientTape() as tape:
                     for x in floats:
                         tape.watch(x)
@@ -608,6 +609,15 @@ def _collective_count(mesh):
     from keras_lwp.cost.collectives import collective_cases
 
     return {(kind, axes) for kind, axes, *_ in collective_cases(mesh)}
+
+
+def _input_gradients(call):
+    """Per input of a call, whether training computes its gradient (float inputs with trainable
+    weights upstream; every float input when the graph did not say)."""
+    floats = [_is_float(t.dtype) for t in call.inputs]
+    if len(call.input_gradients) != len(floats):
+        return floats
+    return [f and bool(g) for f, g in zip(floats, call.input_gradients)]
 
 
 def _collect_if_large(info, mesh):

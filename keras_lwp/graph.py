@@ -32,11 +32,16 @@ class TensorInfo:
 @dataclass(frozen=True)
 class LayerCall:
     """One place the layer is called: its input and output tensors, and the Keras node of the call
-    (its arguments let the profiler call the layer the way the model does)."""
+    (its arguments let the profiler call the layer the way the model does).
+
+    `input_gradients` says, per input, whether training needs its gradient: only when trainable
+    weights lie upstream (not for the model's inputs); empty when unknown (all float inputs do).
+    """
 
     inputs: tuple
     outputs: tuple
     node: object = field(default=None, repr=False, compare=False)
+    input_gradients: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,7 @@ class _Reader:
         self.graph = graph
         self.batch_size = batch_size
         self.layer_names = {}  # id(layer) -> node name
+        self.differentiable = set()  # (node, output index) whose value depends on trainable weights
 
     def tensor_info(self, tensor):
         shape = tuple(tensor.shape)
@@ -215,13 +221,17 @@ class _Reader:
                 name = self.add_layer(op)
                 info = self.graph.nodes[name]["info"]
                 call_index = len(info.calls)
+                gradients = tuple(sources[id(t)] in self.differentiable for t in inputs)
                 info.calls.append(
                     LayerCall(
                         tuple(self.tensor_info(t) for t in inputs),
                         tuple(self.tensor_info(t) for t in node.output_tensors),
                         node,
+                        gradients,
                     )
                 )
+                if any(gradients) or any(w.trainable for w in info.weights):
+                    self.differentiable.update((name, i) for i in range(len(node.output_tensors)))
                 for input_index, tensor in enumerate(inputs):
                     producer, out_index = sources[id(tensor)]
                     if not self.graph.has_edge(producer, name):

@@ -139,7 +139,18 @@ def test_identical_layers_are_measured_once(tmp_path):
     x = keras.layers.Dense(16, name="b")(x)
     model = keras.Model(inputs, keras.layers.Dense(16, name="c")(x))
     keras_lwp.search(model, SMALL, batch_size=16, strategy="data", cost_model=counted(tmp_path))
-    assert Counting.measured == 2  # the input, and one Dense 16 -> 16 for all three
+    # The input, 'a' (its input needs no gradient: nothing trainable upstream), and 'b' = 'c'.
+    assert Counting.measured == 3
+
+
+def test_the_graph_says_which_inputs_need_gradients():
+    from keras_lwp.graph import layer_graph
+
+    graph = layer_graph(models.small_cnn(), 8)
+    needs = {name: graph.nodes[name]["info"].calls[0].input_gradients for name in graph
+             if graph.nodes[name]["info"].class_name != "InputLayer"}
+    assert needs["conv1"] == (False,)  # the image: training never differentiates the data
+    assert needs["pool1"] == needs["conv2"] == needs["fc2"] == (True,)
 
 
 def test_string_builds_a_profiled_model_per_mesh(monkeypatch):

@@ -28,6 +28,7 @@ Identical layers (same class, configuration, shapes and weights) are measured on
 kept on disk (keras_lwp.cost.cache), so a second plan of the same model is instant.
 """
 
+import gc
 import math
 import os
 import time
@@ -43,7 +44,7 @@ from keras_lwp.layers.base import Placement
 from keras_lwp.mesh import mesh_spec_of
 
 # Bump when what is measured, or how, changes: older cache entries are then ignored.
-PROFILER_VERSION = 3
+PROFILER_VERSION = 6
 # Message sizes (bytes per device) the collectives are timed at.
 COLLECTIVE_SIZES = (16 * 2**10, 512 * 2**10, 4 * 2**20)
 DEFAULT_OPTIMIZER = "adam"
@@ -76,10 +77,13 @@ def steady(samples):
 
 
 def time_call(fn, args=(), rounds=5, target=0.01, max_calls=16):
-    """Seconds per call of `fn(*args)` in the steady state: one call to trace, one to warm up and
-    size the rounds, then `rounds` rounds of back-to-back calls (each lasting about `target` seconds,
-    waiting only at its end, as consecutive training steps do); `steady` of the rounds. Slow
-    functions (over 0.1 s a call) get three rounds of one call."""
+    """Seconds per call of `fn(*args)`, dispatch and execution: one call to trace, one to warm up
+    and size the rounds, then `rounds` rounds of calls (each round lasting about `target` seconds);
+    `steady` of the rounds. Every call is waited for before the next: overlapping a call's
+    execution with the next one's dispatch would hide a small layer's work behind the Python
+    overhead of calling it, which a training step pays once, not per layer (the empty call's time,
+    timed the same way, is subtracted). Slow functions (over 0.1 s a call) get three rounds of one
+    call."""
     block(fn(*args))
     start = time.perf_counter()
     block(fn(*args))
@@ -91,8 +95,7 @@ def time_call(fn, args=(), rounds=5, target=0.01, max_calls=16):
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
-            out = fn(*args)
-        block(out)
+            block(fn(*args))
         samples.append((time.perf_counter() - start) / calls)
     return steady(samples)
 
@@ -106,8 +109,8 @@ def layer_signature(info):
     return {
         "class": info.class_name,
         "config": config,
-        "calls": [[[[list(t.shape), t.dtype] for t in call.inputs], [[list(t.shape), t.dtype] for t in call.outputs]]
-                  for call in info.calls],
+        "calls": [[[[list(t.shape), t.dtype] for t in call.inputs], [[list(t.shape), t.dtype] for t in call.outputs],
+                   [bool(g) for g in _input_gradients(call)]] for call in info.calls],
         "weights": [[w.name.rsplit("/", 1)[-1], list(w.shape), w.dtype, w.trainable] for w in info.weights],
     }
 
@@ -296,6 +299,7 @@ class ProfiledCostModel(CostModel):
                 bar.add(1)
         finally:
             self.cache.save()
+            gc.collect()  # the measured layers' copies and their DVariables
 
     def layer_cost(self, info, rule, dims, config):
         analytic = self._analytic.layer_cost(info, rule, dims, config)
@@ -434,7 +438,10 @@ class ProfiledCostModel(CostModel):
         except Exception as error:  # noqa: BLE001 (any failure to build or run: say which, fall back)
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ProfileError(f"{type(error).__name__}: {first_line}") from error
-        return max(seconds - self._baseline(len(tf.nest.flatten(args))), 0.0)
+        count = len(tf.nest.flatten(args))
+        del step, args
+        _collect_if_large(info, self.mesh)
+        return max(seconds - self._baseline(count), 0.0)
 
     def _measure_input(self, info, place):
         """A batch packed onto the mesh in the input's layout (fit does it every step)."""
@@ -480,7 +487,8 @@ class ProfiledCostModel(CostModel):
         def step(inputs, grads):
             results = []
             for c, xs, dys in zip(calls, inputs, grads):
-                floats = [x for x, t in zip(xs, c.inputs) if _is_float(t.dtype)]
+                # Only the inputs training differentiates (not the model's own inputs).
+                floats = [x for x, needed in zip(xs, _input_gradients(c)) if needed]
                 with tf.GradientTape() as tape:
                     for x in floats:
                         tape.watch(x)
@@ -534,14 +542,22 @@ class ProfiledCostModel(CostModel):
                               self.dmesh)
         gradients = [to_mesh(np.full(w.shape, 1e-3, w.dtype), layout, self.dmesh) for w, layout in weights]
 
+        # The optimizer's own update of each weight. Not `optimizer.apply`: run inside a tf.function
+        # through tf.distribute's default strategy, it kept every variable it updated alive after
+        # the function and the optimizer were gone (1 GB per AlexNet-sized layer).
         @tf.function
         def update(gradients):
-            optimizer.apply(gradients, variables)
+            for gradient, variable in zip(gradients, variables):
+                optimizer.update_step(gradient, variable, tf.cast(optimizer.learning_rate, variable.dtype))
+            optimizer.iterations.assign_add(1)
             # Not the weights: a read of them still held at the next update would make that update
             # copy every weight first (copy-on-write), which a training step does not do.
             return optimizer.iterations.value
 
-        return max(time_call(update, (gradients,), self.rounds) - self._baseline(len(gradients)), 0.0)
+        seconds = time_call(update, (gradients,), self.rounds) - self._baseline(len(gradients))
+        del update, optimizer, variables, gradients
+        _collect_if_large(info, self.mesh)
+        return max(seconds, 0.0)
 
     def _measure_overhead(self):
         """Seconds per `fit` step of a one-Dense model, data parallel, less its own layer costs."""
@@ -593,6 +609,23 @@ def _collective_count(mesh):
     from keras_lwp.cost.collectives import collective_cases
 
     return {(kind, axes) for kind, axes, *_ in collective_cases(mesh)}
+
+
+def _input_gradients(call):
+    """Per input of a call, whether training computes its gradient (float inputs with trainable
+    weights upstream; every float input when the graph did not say)."""
+    floats = [_is_float(t.dtype) for t in call.inputs]
+    if len(call.input_gradients) != len(floats):
+        return floats
+    return [f and bool(g) for f, g in zip(floats, call.input_gradients)]
+
+
+def _collect_if_large(info, mesh):
+    """Free a measured layer's copies now when they are large: Keras layers and optimizers hold
+    reference cycles, so their DVariables (the weights on every device) otherwise wait for the
+    garbage collector, and a training step slows down while gigabytes of them linger."""
+    if sum(w.nbytes for w in info.weights) * mesh.size > 64 * 2**20:
+        gc.collect()
 
 
 def _split(layout, mesh):

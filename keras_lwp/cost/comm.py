@@ -31,11 +31,9 @@ def _interval(layout_axis, mesh, coords):
     return start, start + 1.0 / parts
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def received_fraction(src, dst, mesh):
-    """Fraction of the tensor's bytes the busiest device receives to go from layout src to dst."""
-    if src == dst:
-        return 0.0
+def received_per_device(src, dst, mesh):
+    """Per device, the fraction of the tensor's bytes it receives to go from layout src to dst: the
+    block it needs minus the part of that block it already holds."""
     coords = _coordinates(mesh)
     overlap = np.ones(coords.shape[0])
     needed = np.ones(coords.shape[0])
@@ -44,7 +42,15 @@ def received_fraction(src, dst, mesh):
         d0, d1 = _interval(d_axis, mesh, coords)
         overlap *= np.clip(np.minimum(s1, d1) - np.maximum(s0, d0), 0.0, None)
         needed *= d1 - d0
-    return float(np.max(needed - overlap))
+    return needed - overlap
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def received_fraction(src, dst, mesh):
+    """Fraction of the tensor's bytes the busiest device receives to go from layout src to dst."""
+    if src == dst:
+        return 0.0
+    return float(np.max(received_per_device(src, dst, mesh)))
 
 
 def allreduce_time(nbytes, axes, mesh, profile):

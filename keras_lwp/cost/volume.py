@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from keras_lwp.cost.comm import _coordinates, _interval
+from keras_lwp.cost.comm import received_per_device
 
 
 def _split_of(layout, mesh):
@@ -35,15 +35,7 @@ def relayout_total_bytes(nbytes, src, dst, mesh):
     """Bytes all devices together receive to move a tensor of `nbytes` from layout src to dst."""
     if tuple(src) == tuple(dst):
         return 0.0
-    coords = _coordinates(mesh)
-    overlap = np.ones(coords.shape[0])
-    needed = np.ones(coords.shape[0])
-    for s_axis, d_axis in zip(src, dst):
-        s0, s1 = _interval(s_axis, mesh, coords)
-        d0, d1 = _interval(d_axis, mesh, coords)
-        overlap *= np.clip(np.minimum(s1, d1) - np.maximum(s0, d0), 0.0, None)
-        needed *= d1 - d0
-    return float(np.sum(needed - overlap)) * nbytes
+    return float(np.sum(received_per_device(tuple(src), tuple(dst), mesh))) * nbytes
 
 
 def halo_bytes(place, call, mesh):

@@ -218,3 +218,17 @@ def test_unrunnable_configuration_falls_back_to_the_analytic_estimate(tmp_path):
         plan = keras_lwp.search(model, SMALL, batch_size=16, strategy=keras_lwp.Strategy(
             {"up": Config({"sample": "x"})}, MeshSpec((("x", 2),))), cost_model=cost_model, space="full")
     assert plan.layers["up"].compute > 0
+    with pytest.warns(UserWarning, match="does not run"):  # said again when the cache answers
+        keras_lwp.search(model, SMALL, batch_size=16, strategy=keras_lwp.Strategy(
+            {"up": Config({"sample": "x"})}, MeshSpec((("x", 2),))), cost_model=counted(tmp_path), space="full")
+    assert Counting.measured == 0
+
+
+def test_overhead_is_part_of_the_total_and_survives_json():
+    from keras_lwp.strategy import Strategy, StrategyCost
+
+    cost = StrategyCost(0.010, 0.002, 0.001, overhead=0.003)
+    assert cost.total == pytest.approx(0.016)
+    assert "overhead 3.000" in str(cost)
+    plan = Strategy({"hidden": Config({"sample": "x"})}, MeshSpec((("x", 2),)), cost=cost, profile="profiled")
+    assert Strategy.from_json(plan.to_json()).cost == cost

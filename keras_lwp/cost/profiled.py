@@ -7,10 +7,10 @@
   `keras_lwp.runtime._wrap_call` (so the splits keras_lwp implements itself, a convolution's
   channels and rows, run their real halo exchange and partial sums), inputs and output gradients
   DTensors in the configuration's layouts. One `tf.function` does the forward pass and the backward
-  pass (input and weight gradients); it is called in a few rounds after a warm-up and the fastest
-  round's time per call is kept (`steady`), less that of an empty function over the same number of
-  arguments (the call's own dispatch, paid once per training step, not once per layer). An InputLayer's t_c is packing a
-  batch onto the mesh in its layout.
+  pass (the weight gradients, and the input gradients training computes); it is called in a few
+  rounds after a warm-up and the fastest round's time per call is kept (`steady`), less that of an
+  empty function over the same number of arguments (the call's own dispatch, paid once per training
+  step, not once per layer). An InputLayer's t_c is packing a batch onto the mesh in its layout.
 - t_s: the gradient all-reduce over the axes that split the work but not the weight, from the
   fitted collectives (keras_lwp.cost.collectives), plus the optimizer's update of the weights'
   shards, measured. DTensor all-reduces the weight gradients inside the measured backward pass, so
@@ -224,7 +224,6 @@ class ProfiledCostModel(CostModel):
         self._measured = {}    # layer key -> seconds (None: not runnable, analytic instead)
         self._updates = {}     # update key -> seconds
         self._baselines = {}   # number of arguments -> seconds of an empty call
-        self._transfers = {}
         self._warned = set()
 
     def __repr__(self):
@@ -404,13 +403,14 @@ class ProfiledCostModel(CostModel):
             return self._measured[key]
         found = self.cache.get("layers", key)
         if found is None:
+            found = {"seconds": None, "layer": _describe(info, config)}
             try:
-                seconds = self._measure_layer(info, dims, config)
+                found["seconds"] = self._measure_layer(info, dims, config)
             except ProfileError as error:
-                self._warn(info, config, error)
-                seconds = None
-            found = {"seconds": seconds, "layer": _describe(info, config)}
+                found["error"] = str(error)
             self.cache.put("layers", key, found)
+        if found["seconds"] is None:  # said again when read from the cache
+            self._warn(info, config, found.get("error", "it failed before"))
         self._measured[key] = found["seconds"]
         return found["seconds"]
 
@@ -428,20 +428,23 @@ class ProfiledCostModel(CostModel):
         place = Placement(info, dims, config, self.mesh)
         if info.class_name == "InputLayer":
             return self._measure_input(info, place)
-        import tensorflow as tf
-
         try:
-            step, args = self._layer_step(info, place)
-            seconds = time_call(step, args, self.rounds)
+            seconds, count = self._time_layer(info, place)
         except ProfileError:
             raise
         except Exception as error:  # noqa: BLE001 (any failure to build or run: say which, fall back)
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ProfileError(f"{type(error).__name__}: {first_line}") from error
-        count = len(tf.nest.flatten(args))
-        del step, args
-        _collect_if_large(info, self.mesh)
+        finally:
+            _collect_if_large(info, self.mesh)  # the layer's copy, on every device
         return max(seconds - self._baseline(count), 0.0)
+
+    def _time_layer(self, info, place):
+        """(seconds per call of the layer's forward + backward, number of mesh arguments)."""
+        import tensorflow as tf
+
+        step, args = self._layer_step(info, place)
+        return time_call(step, args, self.rounds), len(tf.nest.flatten(args))
 
     def _measure_input(self, info, place):
         """A batch packed onto the mesh in the input's layout (fit does it every step)."""
@@ -521,6 +524,11 @@ class ProfiledCostModel(CostModel):
         return found
 
     def _measure_update(self, info, place):
+        seconds = self._time_update(info, place)
+        _collect_if_large(info, self.mesh)  # the variables and slots just made, on every device
+        return max(seconds, 0.0)
+
+    def _time_update(self, info, place):
         import keras
         import tensorflow as tf
 
@@ -554,10 +562,7 @@ class ProfiledCostModel(CostModel):
             # copy every weight first (copy-on-write), which a training step does not do.
             return optimizer.iterations.value
 
-        seconds = time_call(update, (gradients,), self.rounds) - self._baseline(len(gradients))
-        del update, optimizer, variables, gradients
-        _collect_if_large(info, self.mesh)
-        return max(seconds, 0.0)
+        return time_call(update, (gradients,), self.rounds) - self._baseline(len(gradients))
 
     def _measure_overhead(self):
         """Seconds per `fit` step of a one-Dense model, data parallel, less its own layer costs."""

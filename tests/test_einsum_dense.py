@@ -7,28 +7,14 @@ branch per configuration, each its own input.
 """
 
 import keras
-import numpy as np
 import pytest
-import tensorflow as tf
 from tensorflow.experimental import dtensor
 
-import keras_lwp
-from keras_lwp import Config, MeshSpec, Strategy
+from keras_lwp import Config, MeshSpec
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, base, configurations, einsum_dense, registered_rule, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.runtime import to_host, to_mesh
-from tests.conftest import require_devices
-
-ABBREVIATION = {"n": "sample", "l": "length", "c": "channel", "r": "reduction"}
-
-
-def parse(config):
-    """'n=x,r=y' -> {"sample": "x", "reduction": "y"}."""
-    if not config:
-        return {}
-    return {ABBREVIATION[key]: axis for key, axis in (item.split("=") for item in config.split(","))}
-
+from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
 def test_the_split_rule_is_the_registered_one():
     assert isinstance(base._RULES["EinsumDense"], einsum_dense.SplitEinsumDenseRule)
@@ -36,8 +22,7 @@ def test_the_split_rule_is_the_registered_one():
 
 @pytest.fixture(scope="module")
 def mesh():
-    require_devices(8)
-    return keras_lwp.make_mesh({"x": 2, "y": 2, "z": 2})
+    return mesh_2x2x2()
 
 
 EQUATIONS = {  # id: (input shape, EinsumDense arguments, configurations)
@@ -56,57 +41,15 @@ EQUATIONS = {  # id: (input shape, EinsumDense arguments, configurations)
 @pytest.mark.parametrize("case", list(EQUATIONS))
 def test_einsum_dense_matches_single_device(mesh, case):
     shape, kwargs, configs = EQUATIONS[case]
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    inputs, outputs, layers, plain, strategy = [], [], [], [], {}
-    for index, config in enumerate(configs):
-        tensor = keras.Input(shape[1:], name=f"in{index}")
-        layer = keras.layers.EinsumDense(name=f"dense{index}", bias_initializer="glorot_uniform", **kwargs)
-        inputs.append(tensor)
-        outputs.append(layer(tensor))
-        layers.append(layer)
-        twin = keras.layers.EinsumDense(**kwargs)
-        twin.build(shape)
-        twin.set_weights(layer.get_weights())
-        plain.append(twin)
-        strategy[f"in{index}"] = Config()
-        strategy[f"dense{index}"] = Config(parse(config))
-    model = keras.Model(inputs, outputs)
-    xs = [rng.standard_normal(shape, dtype="float32") for _ in configs]
-    want, cotangents = [], []
-    for layer, x in zip(plain, xs):
-        with tf.GradientTape() as tape:
-            xt = tf.constant(x)
-            tape.watch(xt)
-            y = layer(xt)
-            cotangent = rng.standard_normal(y.shape, dtype="float32")
-            loss = tf.reduce_sum(y * cotangent)
-        want.append([y, *tape.gradient(loss, [xt, layer.kernel, layer.bias])])
-        cotangents.append(cotangent)
-
-    keras_lwp.parallelize(model, mesh, strategy=Strategy(strategy, mesh_spec_of(mesh)), batch_size=shape[0])
-
-    @tf.function
-    def step(xs, cs):
-        with tf.GradientTape() as tape:
-            tape.watch(xs)
-            ys = [layer(x) for layer, x in zip(layers, xs)]
-            loss = tf.add_n([tf.reduce_sum(y * c) for y, c in zip(ys, cs)])
-        grads = tape.gradient(loss, [xs, [[layer.kernel, layer.bias] for layer in layers]])
-        return ys, grads
-
-    ys, (dxs, dweights) = step([to_mesh(x, (None,) * x.ndim, mesh) for x in xs],
-                               [to_mesh(c, (None,) * c.ndim, mesh) for c in cotangents])
+    layers = [keras.layers.EinsumDense(name=f"dense{index}", bias_initializer="glorot_uniform", **kwargs)
+              for index in range(len(configs))]
+    results, want, model = run_branches(mesh, layers, configs, shape)
     graph = layer_graph(model, shape[0])
-    for index, config in enumerate(configs):
-        got = [ys[index], dxs[index], *dweights[index]]
-        for name, a, b in zip(("output", "input gradient", "kernel gradient", "bias gradient"), got, want[index]):
-            a, b = np.asarray(to_host(a)), np.asarray(b)
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))),
-                                       err_msg=f"{case} {{{config}}} {name}")
+    for index, (config, got, expected) in enumerate(zip(configs, results, want)):
+        assert_matches(got, expected, f"{case} {{{config}}}")
         info = graph.nodes[f"dense{index}"]["info"]
         place = Placement(info, registered_rule(info).dimensions(info), Config(parse(config)), mesh_spec_of(mesh))
-        assert dtensor.fetch_layout(ys[index]).sharding_specs == [a or "unsharded" for a in
+        assert dtensor.fetch_layout(got["output"]).sharding_specs == [a or "unsharded" for a in
                                                                   place.output_layout(info.output)]
         assert dtensor.fetch_layout(layers[index].kernel.value).sharding_specs == [
             a or "unsharded" for a in place.weight_layout(0)]

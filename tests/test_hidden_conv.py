@@ -14,18 +14,16 @@ edge geometries (extent not divisible by the split, windows two blocks away, fou
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 import keras_lwp
 from keras_lwp import Config, MeshSpec, Strategy
 from keras_lwp.graph import layer_graph
-from keras_lwp.layers import base, configurations, registered_rule, runnable_dims
+from keras_lwp.layers import base, configurations, halo, hidden, registered_rule, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
 from keras_lwp.runtime import to_host, to_mesh
 from tests.conftest import require_devices
-
-from keras_lwp.layers import halo, hidden
+from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
 CONV_CLASSES = ("Conv1D", "Conv2D")
 
@@ -37,18 +35,7 @@ def test_the_hidden_rule_is_the_registered_one():
 
 @pytest.fixture(scope="module")
 def mesh():
-    require_devices(8)
-    return keras_lwp.make_mesh({"x": 2, "y": 2, "z": 2})
-
-
-ABBREVIATION = {"n": "sample", "c": "channel", "h": "height", "w": "width", "l": "length"}
-
-
-def parse(config):
-    """'n=x,h=y' -> {"sample": "x", "height": "y"}."""
-    if not config:
-        return {}
-    return {ABBREVIATION[key]: axis for key, axis in (item.split("=") for item in config.split(","))}
+    return mesh_2x2x2()
 
 
 CONFIGS = ["c=x", "n=x,c=y", "h=x", "n=x,h=y", "h=x,w=y", "n=x,h=y,w=z", "c=x,h=y"]
@@ -65,47 +52,11 @@ GEOMETRIES = {  # id: (input height = width, Conv2D arguments)
 CONV2D_CASES = [(g, c) for g in GEOMETRIES for c in CONFIGS]
 
 
-def run_sharded(mesh, layer_class, input_shape, config, filters=4, input_config=None, seed=0, **layer_kwargs):
-    """(sharded results, single-device results, the sharded layer) of output, dx, dkernel, dbias."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input(input_shape[1:], name="image")
-    layer = layer_class(filters, activation="tanh", name="conv", **layer_kwargs)
-    model = keras.Model(inputs, layer(inputs))
-    plain = layer_class.from_config(layer.get_config())
-    plain.build(input_shape)
-    plain.set_weights(layer.get_weights())
-
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(input_shape, dtype="float32")
-    with tf.GradientTape() as tape:
-        xt = tf.constant(x)
-        tape.watch(xt)
-        y = plain(xt)
-        cotangent = rng.standard_normal(y.shape, dtype="float32")
-        loss = tf.reduce_sum(y * cotangent)
-    want = [y, *tape.gradient(loss, [xt, plain.kernel, plain.bias])]
-
-    strategy = Strategy({"image": Config(input_config or {}), "conv": Config(config)}, mesh_spec_of(mesh))
-    keras_lwp.parallelize(model, mesh, strategy=strategy, batch_size=input_shape[0])
-
-    @tf.function
-    def step(xs, cs):
-        with tf.GradientTape() as tape:
-            tape.watch(xs)
-            ys = layer(xs)
-            loss = tf.reduce_sum(ys * cs)
-        return [ys, *tape.gradient(loss, [xs, layer.kernel, layer.bias])]
-
-    rank = len(input_shape)
-    got = step(to_mesh(x, (None,) * rank, mesh), to_mesh(cotangent, (None,) * rank, mesh))
-    return got, want, layer, model
-
-
-def assert_matches(got, want, what=""):
-    for name, a, b in zip(("output", "input gradient", "kernel gradient", "bias gradient"), got, want):
-        a, b = np.asarray(to_host(a)), np.asarray(b)
-        assert a.shape == b.shape, f"{what} {name}: shape {a.shape} != {b.shape}"
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))), err_msg=f"{what} {name}")
+def run_conv(mesh, layer_class, input_shape, config, **layer_kwargs):
+    """(sharded results, single-device results, the sharded layer, its model) of one convolution."""
+    layer = layer_class(4, activation="tanh", name="conv", **layer_kwargs)
+    got, want, model = run_branches(mesh, [layer], [config], input_shape)
+    return got[0], want[0], layer, model
 
 
 def assert_runs_hidden(model, layer, config, mesh):
@@ -125,10 +76,10 @@ def expected_output_specs(config, rank):
 @pytest.mark.parametrize("geometry,config", CONV2D_CASES, ids=[f"{g}-{{{c}}}" for g, c in CONV2D_CASES])
 def test_conv2d_matches_single_device(mesh, geometry, config):
     size, kwargs = GEOMETRIES[geometry]
+    got, want, layer, model = run_conv(mesh, keras.layers.Conv2D, (4, size, size, 3), config, **kwargs)
+    assert_matches(got, want, f"{geometry} {{{config}}}")
     config = parse(config)
-    got, want, layer, model = run_sharded(mesh, keras.layers.Conv2D, (4, size, size, 3), config, **kwargs)
-    assert_matches(got, want, f"{geometry} {config}")
-    assert dtensor.fetch_layout(got[0]).sharding_specs == expected_output_specs(config, 2)
+    assert dtensor.fetch_layout(got["output"]).sharding_specs == expected_output_specs(config, 2)
     assert_runs_hidden(model, layer, config, mesh)
 
 
@@ -144,10 +95,9 @@ CONV1D_GRID = [(g, c) for g, (_, _, configs) in CONV1D_CASES.items() for c in co
 @pytest.mark.parametrize("geometry,config", CONV1D_GRID, ids=[f"{g}-{{{c}}}" for g, c in CONV1D_GRID])
 def test_conv1d_matches_single_device(mesh, geometry, config):
     length, kwargs, _ = CONV1D_CASES[geometry]
-    config = parse(config)
-    got, want, layer, model = run_sharded(mesh, keras.layers.Conv1D, (4, length, 3), config, **kwargs)
-    assert_matches(got, want, f"{geometry} {config}")
-    assert dtensor.fetch_layout(got[0]).sharding_specs == expected_output_specs(config, 1)
+    got, want, _, _ = run_conv(mesh, keras.layers.Conv1D, (4, length, 3), config, **kwargs)
+    assert_matches(got, want, f"{geometry} {{{config}}}")
+    assert dtensor.fetch_layout(got["output"]).sharding_specs == expected_output_specs(parse(config), 1)
 
 
 EDGE_CASES = {  # id: (mesh, input shape, Conv2D arguments, configuration)
@@ -168,8 +118,7 @@ EDGE_CASES = {  # id: (mesh, input shape, Conv2D arguments, configuration)
 def test_edge_geometries_match_single_device(case):
     require_devices(8)
     axes, shape, kwargs, config = EDGE_CASES[case]
-    config = parse(config)
-    got, want, _, _ = run_sharded(keras_lwp.make_mesh(axes), keras.layers.Conv2D, shape, config, **kwargs)
+    got, want, _, _ = run_conv(keras_lwp.make_mesh(axes), keras.layers.Conv2D, shape, config, **kwargs)
     assert_matches(got, want, case)
 
 

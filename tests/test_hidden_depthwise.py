@@ -8,27 +8,13 @@ replicated DepthwiseConv2dNativeBackpropFilter returned one shard's filter gradi
 """
 
 import keras
-import numpy as np
 import pytest
-import tensorflow as tf
 from tensorflow.experimental import dtensor
 
-import keras_lwp
-from keras_lwp import Config, MeshSpec, Strategy
+from keras_lwp import Config, MeshSpec
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import base, configurations, hidden_depthwise, registered_rule, runnable_dims
-from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.runtime import to_host, to_mesh
-from tests.conftest import require_devices
-
-ABBREVIATION = {"n": "sample", "c": "channel", "h": "height", "w": "width", "l": "length"}
-
-
-def parse(config):
-    if not config:
-        return {}
-    return {ABBREVIATION[key]: axis for key, axis in (item.split("=") for item in config.split(","))}
-
+from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
 def test_the_hidden_rule_is_the_registered_one():
     for name in ("DepthwiseConv1D", "DepthwiseConv2D"):
@@ -37,8 +23,7 @@ def test_the_hidden_rule_is_the_registered_one():
 
 @pytest.fixture(scope="module")
 def mesh():
-    require_devices(8)
-    return keras_lwp.make_mesh({"x": 2, "y": 2, "z": 2})
+    return mesh_2x2x2()
 
 
 CASES = {  # id: (layer class, input shape, arguments, configurations)
@@ -57,57 +42,16 @@ CASES = {  # id: (layer class, input shape, arguments, configurations)
 @pytest.mark.parametrize("case", list(CASES))
 def test_depthwise_matches_single_device(mesh, case):
     layer_class, shape, kwargs, configs = CASES[case]
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    inputs, outputs, layers, plain, strategy = [], [], [], [], {}
-    for index, config in enumerate(configs):
-        tensor = keras.Input(shape[1:], name=f"in{index}")
-        layer = layer_class(name=f"depthwise{index}", activation="tanh", bias_initializer="glorot_uniform", **kwargs)
-        inputs.append(tensor)
-        outputs.append(layer(tensor))
-        layers.append(layer)
-        twin = layer_class.from_config(layer.get_config())
-        twin.build(shape)
-        twin.set_weights(layer.get_weights())
-        plain.append(twin)
-        strategy[f"in{index}"] = Config()
-        strategy[f"depthwise{index}"] = Config(parse(config))
-    model = keras.Model(inputs, outputs)
-    xs = [rng.standard_normal(shape, dtype="float32") for _ in configs]
-    want, cotangents = [], []
-    for layer, x in zip(plain, xs):
-        with tf.GradientTape() as tape:
-            xt = tf.constant(x)
-            tape.watch(xt)
-            y = layer(xt)
-            cotangent = rng.standard_normal(y.shape, dtype="float32")
-            loss = tf.reduce_sum(y * cotangent)
-        want.append([y, *tape.gradient(loss, [xt, layer.kernel, layer.bias])])
-        cotangents.append(cotangent)
-
-    keras_lwp.parallelize(model, mesh, strategy=Strategy(strategy, mesh_spec_of(mesh)), batch_size=shape[0])
-
-    @tf.function
-    def step(xs, cs):
-        with tf.GradientTape() as tape:
-            tape.watch(xs)
-            ys = [layer(x) for layer, x in zip(layers, xs)]
-            loss = tf.add_n([tf.reduce_sum(y * c) for y, c in zip(ys, cs)])
-        return ys, tape.gradient(loss, [xs, [[layer.kernel, layer.bias] for layer in layers]])
-
-    ys, (dxs, dweights) = step([to_mesh(x, (None,) * x.ndim, mesh) for x in xs],
-                               [to_mesh(c, (None,) * c.ndim, mesh) for c in cotangents])
+    layers = [layer_class(name=f"depthwise{index}", activation="tanh", bias_initializer="glorot_uniform", **kwargs)
+              for index in range(len(configs))]
+    results, want, model = run_branches(mesh, layers, configs, shape)
     rank = len(shape) - 2
     names = ["sample", *hidden_depthwise.SPATIAL_NAMES[rank], "channel"]
     graph = layer_graph(model, shape[0])
-    for index, config in enumerate(configs):
-        got = [ys[index], dxs[index], *dweights[index]]
-        for name, a, b in zip(("output", "input gradient", "kernel gradient", "bias gradient"), got, want[index]):
-            a, b = np.asarray(to_host(a)), np.asarray(b)
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))),
-                                       err_msg=f"{case} {{{config}}} {name}")
+    for index, (config, got, expected) in enumerate(zip(configs, results, want)):
+        assert_matches(got, expected, f"{case} {{{config}}}")
         parsed = parse(config)
-        assert dtensor.fetch_layout(ys[index]).sharding_specs == [parsed.get(n, "unsharded") for n in names]
+        assert dtensor.fetch_layout(got["output"]).sharding_specs == [parsed.get(n, "unsharded") for n in names]
         info = graph.nodes[f"depthwise{index}"]["info"]
         assert registered_rule(info).implementation(info, Config(parsed)) is hidden_depthwise.hidden_depthwise
 

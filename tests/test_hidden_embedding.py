@@ -12,7 +12,6 @@ duplicate ids are summed, so only the single-device form (one row per id) trains
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 import keras_lwp
@@ -20,18 +19,10 @@ from keras_lwp import Config, MeshSpec, Strategy
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import base, configurations, hidden_embedding, registered_rule, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.runtime import to_host, to_mesh
-from tests.conftest import require_devices
+from keras_lwp.runtime import to_host
+from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
-ABBREVIATION = {"n": "sample", "c": "channel", "l": "length", "v": "vocabulary"}
 VOCABULARY, WIDTH = 16, 8
-
-
-def parse(config):
-    """'n=x,v=y' -> {"sample": "x", "vocabulary": "y"}."""
-    if not config:
-        return {}
-    return {ABBREVIATION[key]: axis for key, axis in (item.split("=") for item in config.split(","))}
 
 
 def test_the_hidden_rule_is_the_registered_one():
@@ -40,58 +31,12 @@ def test_the_hidden_rule_is_the_registered_one():
 
 @pytest.fixture(scope="module")
 def mesh():
-    require_devices(8)
-    return keras_lwp.make_mesh({"x": 2, "y": 2, "z": 2})
+    return mesh_2x2x2()
 
 
-def run_branches(mesh, configs, ids_shape, seed=0):
-    """Per configuration: (sharded [output, table gradient], single-device [output, table gradient])."""
-    keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
-    inputs, outputs, layers, plain, strategy = [], [], [], [], {}
-    for index, config in enumerate(configs):
-        tensor = keras.Input(ids_shape[1:], dtype="int32", name=f"ids{index}")
-        layer = keras.layers.Embedding(VOCABULARY, WIDTH, name=f"embed{index}")
-        inputs.append(tensor)
-        outputs.append(layer(tensor))
-        layers.append(layer)
-        twin = keras.layers.Embedding(VOCABULARY, WIDTH)
-        twin.build(ids_shape)
-        twin.set_weights(layer.get_weights())
-        plain.append(twin)
-        strategy[f"ids{index}"] = Config()
-        strategy[f"embed{index}"] = Config(parse(config))
-    model = keras.Model(inputs, outputs)
-    ids = [rng.integers(-VOCABULARY, VOCABULARY, ids_shape).astype("int32") for _ in configs]
-    want, cotangents = [], []
-    for layer, i in zip(plain, ids):
-        with tf.GradientTape() as tape:
-            y = layer(tf.constant(i))
-            cotangent = rng.standard_normal(y.shape, dtype="float32")
-            loss = tf.reduce_sum(y * cotangent)
-        want.append([y, tf.convert_to_tensor(tape.gradient(loss, layer.embeddings))])
-        cotangents.append(cotangent)
-
-    keras_lwp.parallelize(model, mesh, strategy=Strategy(strategy, mesh_spec_of(mesh)), batch_size=ids_shape[0])
-
-    @tf.function
-    def step(ids, cs):
-        with tf.GradientTape() as tape:
-            ys = [layer(i) for layer, i in zip(layers, ids)]
-            loss = tf.add_n([tf.reduce_sum(y * c) for y, c in zip(ys, cs)])
-        grads = tape.gradient(loss, [layer.embeddings for layer in layers])
-        return ys, [tf.convert_to_tensor(g) for g in grads]
-
-    ys, grads = step([to_mesh(i, (None,) * i.ndim, mesh) for i in ids],
-                     [to_mesh(c, (None,) * c.ndim, mesh) for c in cotangents])
-    return list(zip(ys, grads)), want, model, layers
-
-
-def assert_matches(got, want, what=""):
-    for name, a, b in zip(("output", "table gradient"), got, want):
-        a, b = np.asarray(to_host(a)), np.asarray(b)
-        assert a.shape == b.shape, f"{what} {name}: shape {a.shape} != {b.shape}"
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))), err_msg=f"{what} {name}")
+def ids(rng, shape):
+    """Ids that repeat within a batch, some negative (counted from the end)."""
+    return rng.integers(-VOCABULARY, VOCABULARY, shape).astype("int32")
 
 
 CASES = {  # id: (ids shape, configurations)
@@ -104,12 +49,13 @@ CASES = {  # id: (ids shape, configurations)
 @pytest.mark.parametrize("case", list(CASES))
 def test_embedding_matches_single_device(mesh, case):
     shape, configs = CASES[case]
-    results, want, model, layers = run_branches(mesh, configs, shape)
+    layers = [keras.layers.Embedding(VOCABULARY, WIDTH, name=f"embed{index}") for index in range(len(configs))]
+    results, want, model = run_branches(mesh, layers, configs, shape, ids)
     names = ["sample", "length"][:len(shape)] + ["channel"]
     for index, (config, got, expected) in enumerate(zip(configs, results, want)):
         config = parse(config)
         assert_matches(got, expected, str(config))
-        assert dtensor.fetch_layout(got[0]).sharding_specs == [config.get(n, "unsharded") for n in names], config
+        assert dtensor.fetch_layout(got["output"]).sharding_specs == [config.get(n, "unsharded") for n in names], config
         table = dtensor.fetch_layout(layers[index].embeddings.value).sharding_specs
         assert table == [config.get("vocabulary", "unsharded"), config.get("channel", "unsharded")], config
         info = layer_graph(model, shape[0]).nodes[f"embed{index}"]["info"]

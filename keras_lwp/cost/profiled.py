@@ -44,7 +44,7 @@ from keras_lwp.layers.base import Placement
 from keras_lwp.mesh import mesh_spec_of
 
 # Bump when what is measured, or how, changes: older cache entries are then ignored.
-PROFILER_VERSION = 6
+PROFILER_VERSION = 7
 # Message sizes (bytes per device) the collectives are timed at.
 COLLECTIVE_SIZES = (16 * 2**10, 512 * 2**10, 4 * 2**20)
 DEFAULT_OPTIMIZER = "adam"
@@ -76,12 +76,14 @@ def steady(samples):
     return min(samples)
 
 
-def time_call(fn, args=(), rounds=5, target=0.01, max_calls=16):
+def time_call(fn, args=(), rounds=5, target=0.05, max_calls=50):
     """Seconds per call of `fn(*args)`, dispatch and execution: one call to trace, one to warm up
     and size the rounds, then `rounds` rounds of calls (each round lasting about `target` seconds);
-    `steady` of the rounds. Every call is waited for before the next: overlapping a call's
-    execution with the next one's dispatch would hide a small layer's work behind the Python
-    overhead of calling it, which a training step pays once, not per layer (the empty call's time,
+    `steady` of the rounds. A round averages several calls: the fastest of single calls of a
+    multi-threaded step was off by up to 30% (a transformer's attention layer measured 4% low on
+    one mesh and 30% high on the other, enough to reorder its plans). Every call is waited for
+    before the next: overlapping a call's execution with the next one's dispatch would hide a small
+    layer's work behind the Python overhead of calling it, which a training step pays once, not per layer (the empty call's time,
     timed the same way, is subtracted). Slow functions (over 0.1 s a call) get three rounds of one
     call."""
     block(fn(*args))

@@ -83,9 +83,9 @@ def time_call(fn, args=(), rounds=5, target=0.05, max_calls=50):
     multi-threaded step was off by up to 30% (a transformer's attention layer measured 4% low on
     one mesh and 30% high on the other, enough to reorder its plans). Every call is waited for
     before the next: overlapping a call's execution with the next one's dispatch would hide a small
-    layer's work behind the Python overhead of calling it, which a training step pays once, not per layer (the empty call's time,
-    timed the same way, is subtracted). Slow functions (over 0.1 s a call) get three rounds of one
-    call."""
+    layer's work behind the Python overhead of calling it, which a training step pays once, not per
+    layer (the empty call's time, timed the same way, is subtracted). Slow functions (over 0.1 s a
+    call) get three rounds of one call."""
     block(fn(*args))
     start = time.perf_counter()
     block(fn(*args))

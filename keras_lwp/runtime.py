@@ -22,6 +22,7 @@ blocks of the batch it is given (the whole global batch), host reads gather acro
 parallelize checks that every client runs the same plan and starts from client 0's weights.
 """
 
+import contextlib
 import os
 import types
 import weakref
@@ -320,8 +321,15 @@ def _apply(graph, plan, mesh):
         if info.class_name == "InputLayer":
             continue
         place = Placement(info, dimensions_of(info), plan[name], spec)
-        for index, weight in enumerate(info.layer.weights):
+        weights = info.layer.weights
+        for index, weight in enumerate(weights):
             _variable_to_mesh(weight, place.weight_layout(index), mesh)
+        # The rest (a Dropout's seed state) replicated: left on the host, every device of the step
+        # would read-increment-write the one host variable at once, racing, so dropout masks changed
+        # from run to run under the same seed.
+        for variable in info.layer.variables:
+            if not any(variable is weight for weight in weights):
+                _variable_to_mesh(variable, (None,) * len(variable.shape), mesh)
         _wrap_call(info.layer, place, mesh)
 
 
@@ -351,12 +359,54 @@ def _wrap_call(layer, place, mesh):
         for key, index in (("value", 1), ("key", 2)):
             if tf.is_tensor(kwargs.get(key)):
                 kwargs[key] = _relayout_input(place, index, kwargs[key], mesh)
-        outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
+        with _draws_as_one_device(mesh):
+            outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
         return keras.tree.map_structure(
             lambda t: relayout_to(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
 
     layer._keras_lwp_original_call = layer.call
     layer.call = call
+
+
+# Keras' random draws by shape (keras.src.backend.random, which layers and keras.random call).
+_SHAPED_DRAWS = ("normal", "uniform", "truncated_normal", "randint")
+
+
+@contextlib.contextmanager
+def _draws_as_one_device(mesh):
+    """While a wrapped layer's call is traced, Keras' random draws (Dropout's mask, GaussianNoise's
+    noise, ...) are made whole on every device, then split like the tensor they meet: the numbers one
+    device draws. Left alone, DTensor lays a draw out like its consumer and draws each block from a
+    seed mixed with its device's coordinates: another mask than the single-device model's, and
+    another for every strategy. The whole draw costs each device the full mask (a few MB at most)."""
+    import tensorflow as tf
+    from keras.src import backend
+
+    module = backend.random
+    saved = {name: getattr(module, name) for name in _SHAPED_DRAWS + ("dropout",)}
+
+    def whole(draw):
+        def wrapped(shape, *args, **kwargs):
+            value = draw(shape, *args, **kwargs)
+            return relayout_to(value, (None,) * len(value.shape), mesh)
+        return wrapped
+
+    def dropout(inputs, rate, noise_shape=None, seed=None):
+        if not isinstance(rate, (int, float)) or not 0 < rate < 1:
+            return saved["dropout"](inputs, rate, noise_shape, seed)
+        shape = module._get_concrete_noise_shape(inputs, noise_shape)
+        # Keras' own dropout of ones: 1/(1-rate) where kept, else 0, from the same draw of the same seed.
+        mask = saved["dropout"](tf.ones(shape, inputs.dtype), rate, None, seed)
+        return inputs * relayout_to(mask, (None,) * len(mask.shape), mesh)
+
+    for name in _SHAPED_DRAWS:
+        setattr(module, name, whole(saved[name]))
+    module.dropout = dropout
+    try:
+        yield
+    finally:
+        for name, draw in saved.items():
+            setattr(module, name, draw)
 
 
 def _wrap_model_outputs(model, graph, plan, mesh):

@@ -21,6 +21,22 @@ def small_cnn(size=16, channels=3, classes=10):
     return keras.Model(inputs, outputs, name="small_cnn")
 
 
+def noisy_cnn(size=16, channels=3, classes=10):
+    """small_cnn with every kind of random layer: their draws must be the single device's."""
+    inputs = keras.Input((size, size, channels), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.SpatialDropout2D(0.25, name="spatial_drop")(x)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(32, activation="relu", name="fc1")(x)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    x = keras.layers.GaussianNoise(0.1, name="noise")(x)
+    x = keras.layers.GaussianDropout(0.1, name="gaussian_drop")(x)
+    x = keras.layers.AlphaDropout(0.1, name="alpha_drop")(x)
+    outputs = keras.layers.Dense(classes, name="fc2")(x)
+    return keras.Model(inputs, outputs, name="noisy_cnn")
+
+
 def branchy():
     """Two inputs, two outputs, add and concatenate, one layer called twice."""
     a = keras.Input((16,), name="a")
@@ -34,9 +50,9 @@ def branchy():
     return keras.Model([a, b], [out1, out2], name="branchy")
 
 
-def transformer_block(length=8, width=16, heads=2):
+def transformer_block(length=8, width=16, heads=2, dropout=0.0):
     inputs = keras.Input((length, width), name="tokens")
-    attended = keras.layers.MultiHeadAttention(heads, width // heads, name="mha")(inputs, inputs)
+    attended = keras.layers.MultiHeadAttention(heads, width // heads, dropout=dropout, name="mha")(inputs, inputs)
     x = keras.layers.LayerNormalization(name="ln1")(keras.layers.Add(name="res1")([inputs, attended]))
     h = keras.layers.Dense(2 * width, activation="relu", name="ffn1")(x)
     h = keras.layers.Dense(width, name="ffn2")(h)

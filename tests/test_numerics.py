@@ -26,6 +26,8 @@ MODELS = {
     "branchy": models.branchy,
     "transformer": models.transformer_block,
     "mobile": models.mobile_block,
+    "noisy": models.noisy_cnn,
+    "attention_dropout": functools.partial(models.transformer_block, dropout=0.3),
 }
 OPTIMIZERS = {
     "adam": lambda: keras.optimizers.Adam(1e-3),
@@ -90,7 +92,7 @@ def assert_same(reference_run, sharded_run):
 
 @pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("model_name", sorted(set(MODELS) - {"mobile"}))
+@pytest.mark.parametrize("model_name", sorted(set(MODELS) - {"mobile", "noisy", "attention_dropout"}))
 def test_sharded_training_equals_single_device(model_name, strategy, optimizer_name):
     run = train(model_name, optimizer_name, strategy)
     assert_same(reference(model_name, optimizer_name), run)
@@ -109,6 +111,20 @@ def test_layers_dtensor_cannot_differentiate_sharded_stay_exact(strategy):
     plan = keras_lwp.strategy_of(run[-1])
     split = {"sample": "xy"} if strategy == "data" else {}
     assert plan["depthwise"] == split and plan["avgpool"] == split
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_random_layers_draw_what_one_device_draws(strategy):
+    """Dropout, SpatialDropout2D, GaussianNoise, GaussianDropout and AlphaDropout in training: the masks
+    and noise of every strategy are those of the single-device model, whatever splits the layers."""
+    run = train("noisy", "momentum", strategy)
+    assert_same(reference("noisy", "momentum"), run)
+
+
+@pytest.mark.parametrize("strategy", ["data", "owt", "random0"])
+def test_attention_dropout_inside_a_layer_draws_what_one_device_draws(strategy):
+    run = train("attention_dropout", "adam", strategy)
+    assert_same(reference("attention_dropout", "adam"), run)
 
 
 def test_partial_last_batch_is_trained_not_dropped():

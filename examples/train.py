@@ -44,6 +44,7 @@ def main(argv):
     from examples import zoo
 
     mesh = keras_lwp.make_mesh(FLAGS.mesh)
+    keras.utils.set_random_seed(0)  # same weights and dropout seeds for every strategy: comparable losses
     model = zoo.build(FLAGS.model, FLAGS.image_size if FLAGS.model != "transformer" else None, FLAGS.classes)
     print(f"{FLAGS.model}: {model.count_params():,} parameters, batch {FLAGS.batch_size}, mesh {FLAGS.mesh}")
     # Compiled first, so a profiled cost model times this optimizer's update.

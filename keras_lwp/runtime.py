@@ -378,7 +378,7 @@ def _draws_as_one_device(mesh):
     noise, ...) are made whole on every device, then split like the tensor they meet: the numbers one
     device draws. Left alone, DTensor lays a draw out like its consumer and draws each block from a
     seed mixed with its device's coordinates: another mask than the single-device model's, and
-    another for every strategy. The whole draw costs each device the full mask (a few MB at most)."""
+    another for every strategy. The price: each device draws the whole mask, not only its block."""
     import tensorflow as tf
     from keras.src import backend
 

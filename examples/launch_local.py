@@ -31,7 +31,8 @@ flags.DEFINE_integer("clients", 2, "Client processes to start.")
 flags.DEFINE_integer("devices", 2, "Logical CPU devices per client.")
 flags.DEFINE_string("mesh", "2x2", "Mesh shape over all clients' devices: '2x2' (axes x, y, ...) or 'x=2,y=2'. "
                     "Devices are numbered client by client, so the leading axis splits across clients.")
-flags.DEFINE_enum("model", "small_cnn", ["mlp", "small_cnn", "transformer_block"], "A model from tests/models.py.")
+flags.DEFINE_enum("model", "small_cnn", ["mlp", "small_cnn", "noisy_cnn", "transformer_block"],
+                  "A model from tests/models.py.")
 flags.DEFINE_string("strategy", "owt", "auto, data, model, owt, or a path to a Strategy JSON file.")
 flags.DEFINE_multi_string("override", [], "Pin a layer for the search: 'layer=dimension:axis,dimension:axis', "
                           "e.g. --override=fc1=channel:x (repeat for more layers).")
@@ -115,9 +116,13 @@ def train(client_id, jobs):
     mesh = keras_lwp.make_mesh(parse_mesh(FLAGS.mesh))
     model = getattr(models, FLAGS.model)()
     differ = {what for client, _, what in (item.partition(":") for item in FLAGS.differ) if int(client) == client_id}
-    if "weights" in differ:
-        for weight in model.weights:
-            weight.assign(np.random.default_rng(client_id + 1).standard_normal(weight.shape).astype(weight.dtype))
+    if "weights" in differ:  # and the seed states of its random layers
+        other = np.random.default_rng(client_id + 1)
+        for variable in model.variables:
+            if variable.dtype.startswith("float"):
+                variable.assign(other.standard_normal(variable.shape).astype(variable.dtype))
+            else:
+                variable.assign(other.integers(1, 2**30, variable.shape).astype(variable.dtype))
     strategy = FLAGS.strategy
     if "plan" in differ:
         strategy = "data" if strategy != "data" else "owt"

@@ -135,14 +135,14 @@ def _what_runs(plan):
 
 
 def _weights_from_first_client(model, mesh):
-    """On a multi-client mesh, give every client client 0's weights (random initializations differ
-    unless every client seeded alike)."""
+    """On a multi-client mesh, give every client client 0's weights and seed states (random
+    initializations differ unless every client seeded alike)."""
     if not multihost.is_multi_client():
         return
-    weights = model.weights
-    values = multihost.broadcast_from_first_client([np.asarray(w.numpy()) for w in weights], mesh)
-    for weight, value in zip(weights, values):
-        weight.assign(value)
+    variables = model.weights + _state_variables(model)  # seed states too: every client draws alike
+    values = multihost.broadcast_from_first_client([np.asarray(v.numpy()) for v in variables], mesh)
+    for variable, value in zip(variables, values):
+        variable.assign(value)
 
 
 def _check_float_inputs(graph):
@@ -321,16 +321,23 @@ def _apply(graph, plan, mesh):
         if info.class_name == "InputLayer":
             continue
         place = Placement(info, dimensions_of(info), plan[name], spec)
-        weights = info.layer.weights
-        for index, weight in enumerate(weights):
-            _variable_to_mesh(weight, place.weight_layout(index), mesh)
-        # The rest (a Dropout's seed state) replicated: left on the host, every device of the step
-        # would read-increment-write the one host variable at once, racing, so dropout masks changed
-        # from run to run under the same seed.
-        for variable in info.layer.variables:
-            if not any(variable is weight for weight in weights):
-                _variable_to_mesh(variable, (None,) * len(variable.shape), mesh)
+        layer_to_mesh(info.layer, place, mesh)
         _wrap_call(info.layer, place, mesh)
+
+
+def layer_to_mesh(layer, place, mesh):
+    """A layer's variables onto the mesh: its weights with their configuration's layouts, the rest
+    (a random layer's seed state) replicated. Left on the host, a seed state is read, incremented and
+    written by every device of a step at once, racing: masks changed from run to run under one seed."""
+    for index, weight in enumerate(layer.weights):
+        _variable_to_mesh(weight, place.weight_layout(index), mesh)
+    for variable in _state_variables(layer):
+        _variable_to_mesh(variable, (None,) * len(variable.shape), mesh)
+
+
+def _state_variables(layer):
+    """A layer's (or model's) variables that are not weights: the seed states of its random layers."""
+    return [v for v in layer.variables if not any(v is w for w in layer.weights)]
 
 
 def _wrap_call(layer, place, mesh):

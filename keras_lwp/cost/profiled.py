@@ -464,7 +464,7 @@ class ProfiledCostModel(CostModel):
         import keras
         import tensorflow as tf
 
-        from keras_lwp.runtime import _variable_to_mesh, _wrap_call, to_mesh
+        from keras_lwp.runtime import _wrap_call, layer_to_mesh, to_mesh
 
         if any(call.node is None for call in info.calls) or info.layer is None:
             raise ProfileError("the layer graph does not say how the model calls it")
@@ -478,8 +478,7 @@ class ProfiledCostModel(CostModel):
         clone(*args, **kwargs)  # builds the weights
         if len(clone.weights) != len(info.weights):
             raise ProfileError("the rebuilt layer has different weights")
-        for index, weight in enumerate(clone.weights):
-            _variable_to_mesh(weight, place.weight_layout(index), self.dmesh)
+        layer_to_mesh(clone, place, self.dmesh)
         _wrap_call(clone, place, self.dmesh)
         training = "training" in getattr(clone, "_call_context_args", ())
         inputs = [[to_mesh(_host_value(t, info), place.input_layout(i, t), self.dmesh) for i, t in enumerate(c.inputs)]

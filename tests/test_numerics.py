@@ -33,7 +33,7 @@ OPTIMIZERS = {
     "adam": lambda: keras.optimizers.Adam(1e-3),
     "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
 }
-STRATEGIES = ["data", "model", "owt", "auto", "random0", "random1", "random2"]
+STRATEGIES = ["data", "model", "owt", "auto", "random0", "random1"]
 
 
 def make_data(model, samples, seed=0):

@@ -21,9 +21,10 @@ MESH = MeshSpec((("x", 4), ("y", 2)))
         (("x", None), (None, None), 3 / 4),            # all-gather over x
         (("x", None), (None, "x"), 1 / 4 - 1 / 16),    # all-to-all over x
         (("x", "y"), (None, None), 1 - 1 / 8),         # all-gather over both
-        (("x", None), ("y", None), 1 / 2),            # re-split dim 0 from x to y: device x=2,y=0 holds none of it
+        (("x", None), ("y", None), 3 / 4),             # re-split dim 0 from x to y: all-gather x, then slice on y
+        (("x", "y"), ("y", "x"), 3 / 8 + 1 / 4),         # swap: gather x (a cycle), move y 1->0, slice x
     ],
-    ids=["same", "slice", "allgather", "alltoall", "gather-2d", "axis-swap"],
+    ids=["same", "slice", "allgather", "alltoall", "gather-2d", "axis-swap", "two-axes-swap"],
 )
 def test_received_fraction_is_what_a_device_lacks(src, dst, expected):
     assert received_fraction(src, dst, MESH) == pytest.approx(expected)

@@ -27,14 +27,14 @@ SMALL = {"x": 2}  # two devices: few configurations, so profiling takes seconds
         (("x", None), (None, None), [("allgather", ("x",), (None, None))]),
         (("x", None), (None, "x"), [("alltoall", ("x",), ("x", None))]),       # one axis moves
         (("x", "y"), (None, None), [("allgather", ("x", "y"), (None, None))]),
-        (("x", "y"), ("y", "x"), [("allgather", ("x", "y"), (None, None))]),
+        (("x", "y"), ("y", "x"), [("allgather", ("x",), (None, "y")), ("alltoall", ("y",), (None, "y"))]),
         (("x", None), ("y", None), [("allgather", ("x",), (None, None))]),     # gathered, then sliced on y
         (("x", "y"), (None, "y"), [("allgather", ("x",), (None, "y"))]),
         ((None, "y"), ("x", None), [("allgather", ("y",), ("x", None))]),     # sliced on x first
     ],
     ids=["same", "slice", "gather", "alltoall", "gather-2d", "swap", "move-axis", "gather-keep", "slice-then-gather"],
 )
-def test_relayout_steps_follow_dtensor(src, dst, expected):
+def test_relayout_steps_follow_the_path_placement_runs(src, dst, expected):
     assert relayout_steps(src, dst) == expected
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from keras_lwp import relayout_path as path
+
 KINDS = ("allreduce", "allgather", "alltoall")
 
 
@@ -74,33 +76,22 @@ def _split(layout, mesh):
 
 
 def relayout_steps(src, dst):
-    """The collectives DTensor runs to relayout from `src` to `dst` (tuples with one mesh axis or
-    None per tensor axis): a list of (kind, axes, layout whose per-device block the step's bytes
-    are). Slices cost nothing and are left out.
-
-    DTensor (tensorflow/dtensor/mlir/collectives.cc, EmitRelayout) first slices the tensor axes the
-    target splits and the source does not (when the source does not use that mesh axis yet), then
-    all-gathers every tensor axis whose mesh axis differs from the target's, then slices to the
-    target. A single mesh axis that moves from one tensor axis to another, nothing else changing,
-    is an all-to-all.
-    """
-    src, dst = tuple(src), tuple(dst)
-    if src == dst:
-        return []
-    moved = [(i, a) for i, a in enumerate(src) if a is not None and dst[i] != a]
-    if len(moved) == 1:
-        i, axis = moved[0]
-        j = dst.index(axis) if axis in dst else None
-        rest_same = all(src[k] == dst[k] for k in range(len(src)) if k not in (i, j))
-        if j is not None and src[j] is None and dst[i] is None and rest_same:
-            return [("alltoall", (axis,), src)]
-    used = {a for a in src if a is not None}
-    first = tuple(d if d is not None and s is None and d not in used else s for s, d in zip(src, dst))
-    gathered = tuple(sorted(a for a, d in zip(first, dst) if a is not None and a != d))
-    if not gathered:
-        return []
-    second = tuple(None if a is not None and a != d else a for a, d in zip(first, dst))
-    return [("allgather", gathered, second)]
+    """The collectives a relayout from `src` to `dst` runs (tuples with one mesh axis or None per
+    tensor axis): a list of (kind, axes, layout whose per-device block the step's bytes are). They
+    follow keras_lwp.relayout_path, the path keras_lwp.placement.relayout takes: an unshard is an
+    all-gather, a move an all-to-all (through a local transpose where DTensor's own is wrong), a
+    shard a local slice (free, left out)."""
+    steps = []
+    before = tuple(src)
+    for kind, after in path.relayout_steps(before, tuple(dst)):
+        if kind == "unshard":
+            gathered = tuple(sorted(a for a, b in zip(before, after) if a is not None and b is None))
+            steps.append(("allgather", gathered, after))
+        elif kind == "move":
+            axis, _, _ = path.move_of(before, after)
+            steps.append(("alltoall", (axis,), before))
+        before = after
+    return steps
 
 
 class CollectiveModel:

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from keras_lwp.relayout_path import relayout_steps
+
 
 @functools.lru_cache(maxsize=None)
 def _coordinates(mesh):
@@ -32,8 +34,18 @@ def _interval(layout_axis, mesh, coords):
 
 
 def received_per_device(src, dst, mesh):
-    """Per device, the fraction of the tensor's bytes it receives to go from layout src to dst: the
-    block it needs minus the part of that block it already holds."""
+    """Per device, the fraction of the tensor's bytes it receives to relayout from src to dst, along
+    the steps keras_lwp runs (keras_lwp.relayout_path: DTensor's direct all-to-all is wrong for some
+    moves); each step receives the block it needs minus the part of it the device already holds."""
+    total = np.zeros(_coordinates(mesh).shape[0])
+    before = tuple(src)
+    for _, after in relayout_steps(before, tuple(dst)):
+        total += _received_in_one_step(before, after, mesh)
+        before = after
+    return total
+
+
+def _received_in_one_step(src, dst, mesh):
     coords = _coordinates(mesh)
     overlap = np.ones(coords.shape[0])
     needed = np.ones(coords.shape[0])

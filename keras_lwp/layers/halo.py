@@ -39,6 +39,8 @@ import dataclasses
 
 import numpy as np
 
+from keras_lwp import placement
+
 
 @dataclasses.dataclass(frozen=True)
 class HaloGeometry:
@@ -121,15 +123,11 @@ def axis_size(mesh, axis):
 
 
 def layout(spec, mesh):
-    from tensorflow.experimental import dtensor
-
-    return dtensor.Layout([dtensor.UNSHARDED if a is None else a for a in spec], mesh)
+    return placement.layout(spec, mesh)
 
 
 def relayout(tensor, spec, mesh):
-    from tensorflow.experimental import dtensor
-
-    return dtensor.relayout(tensor, layout(spec, mesh))
+    return placement.relayout(tensor, spec, mesh)
 
 
 def block_constant(values, rank, position, axis, mesh, dtype):

@@ -29,10 +29,11 @@ import weakref
 
 import numpy as np
 
-from keras_lwp import multihost
+from keras_lwp import multihost, placement
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, dimensions_of, registered_rule
 from keras_lwp.mesh import make_mesh, mesh_spec_of
+from keras_lwp.placement import spec_of
 from keras_lwp.planner import plan_graph, _batch_size
 from keras_lwp.strategy import Strategy
 
@@ -177,17 +178,9 @@ def _mesh_for(plan_mesh, dmesh):
                         list(dmesh.local_devices()))
 
 
-_LAYOUTS = {}
-
-
 def dtensor_layout(spec, mesh):
     """The dtensor.Layout of a keras_lwp layout tuple (cached: every batch is packed with one)."""
-    from tensorflow.experimental import dtensor
-
-    key = (tuple(spec), id(mesh))
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = (mesh, dtensor.Layout([dtensor.UNSHARDED if a is None else a for a in spec], mesh))
-    return _LAYOUTS[key][1]
+    return placement.layout(spec, mesh)
 
 
 def _fit(spec, shape, mesh_spec):
@@ -198,15 +191,20 @@ def _fit(spec, shape, mesh_spec):
     )
 
 
-def relayout_to(tensor, spec, mesh):
-    """`tensor` laid out as `spec` on `mesh` (a DTensor relayout; a tensor not on the mesh is put there)."""
+def relayout_to(tensor, spec, mesh, source=None):
+    """`tensor` laid out as `spec` on `mesh` (a tensor not on the mesh is put there), through
+    relayouts DTensor computes exactly (keras_lwp.placement); `source` is the layout the plan gave
+    the tensor, if keras_lwp knows it."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
-    spec = _fit(spec, tuple(tensor.shape), mesh_spec_of(mesh))
+    shape = tuple(tensor.shape)
+    spec = _fit(spec, shape, mesh_spec_of(mesh))
     if tf.executing_eagerly() and not dtensor.is_dtensor(tensor):
         return to_mesh(tensor, spec, mesh)
-    return dtensor.relayout(tensor, dtensor_layout(spec, mesh))
+    if source is not None:
+        source = _fit(source, shape, mesh_spec_of(mesh))
+    return placement.relayout(tensor, spec, mesh, source=source)
 
 
 def to_mesh(value, spec, mesh):
@@ -218,7 +216,7 @@ def to_mesh(value, spec, mesh):
     from tensorflow.experimental import dtensor
 
     if tf.is_tensor(value) and dtensor.is_dtensor(value):  # e.g. an optimizer slot Keras built from a DVariable
-        return dtensor.relayout(value, dtensor_layout(_fit(spec, tuple(value.shape), mesh_spec_of(mesh)), mesh))
+        return placement.relayout(value, _fit(spec, tuple(value.shape), mesh_spec_of(mesh)), mesh)
     array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
     mesh_spec = mesh_spec_of(mesh)
     spec = _fit(spec, array.shape, mesh_spec)
@@ -309,11 +307,6 @@ def _sharded_class(base):
     return _SHARDED_CLASSES[base]
 
 
-def spec_of(layout):
-    """A dtensor.Layout as keras_lwp's tuple form (mesh axis or None per tensor axis)."""
-    return tuple(None if s == "unsharded" else s for s in layout.sharding_specs)
-
-
 def _apply(graph, plan, mesh):
     spec = mesh_spec_of(mesh)
     for name in graph:
@@ -322,7 +315,22 @@ def _apply(graph, plan, mesh):
             continue
         place = Placement(info, dimensions_of(info), plan[name], spec)
         layer_to_mesh(info.layer, place, mesh)
-        _wrap_call(info.layer, place, mesh)
+        _wrap_call(info.layer, place, mesh, _input_sources(graph, plan, name, spec))
+
+
+def _input_sources(graph, plan, name, spec):
+    """{input index: the layout the plan gives the tensor arriving there} for a layer's inputs, where
+    every call of the layer receives it in the same layout: the relayout into the layer then takes an
+    exact path without asking DTensor which layout the tensor has."""
+    sources = {}
+    for producer in graph.predecessors(name):
+        info = graph.nodes[producer]["info"]
+        place = Placement(info, dimensions_of(info), plan[producer], spec)
+        produced = info.calls[0].outputs
+        for out_index, _, in_index, tensor in graph.edges[producer, name]["tensors"]:
+            layout = place.output_layout(produced[out_index] if out_index < len(produced) else tensor)
+            sources[in_index] = layout if sources.get(in_index, layout) == layout else None
+    return {index: layout for index, layout in sources.items() if layout is not None}
 
 
 def layer_to_mesh(layer, place, mesh):
@@ -340,12 +348,13 @@ def _state_variables(layer):
     return [v for v in layer.variables if not any(v is w for w in layer.weights)]
 
 
-def _wrap_call(layer, place, mesh):
+def _wrap_call(layer, place, mesh, sources=None):
     """Relayout the inputs to what the configuration needs and the output to its layout; where the
     layer's rule implements a split DTensor refuses, run that implementation instead of `call`."""
     import keras
     import tensorflow as tf
 
+    sources = sources or {}
     implementation = registered_rule(place.info).implementation(place.info, place.config)
     if implementation is None:
         original = layer.call
@@ -358,18 +367,19 @@ def _wrap_call(layer, place, mesh):
         inputs = args[0] if args else None
         rest = args[1:]
         if isinstance(inputs, (list, tuple)):
-            inputs = type(inputs)(_relayout_input(place, i, t, mesh) for i, t in enumerate(inputs))
+            inputs = type(inputs)(_relayout_input(place, i, t, mesh, sources) for i, t in enumerate(inputs))
         elif inputs is not None:
-            inputs = _relayout_input(place, 0, inputs, mesh)
+            inputs = _relayout_input(place, 0, inputs, mesh, sources)
         # Extra tensor arguments (attention's value/key) are inputs 1, 2, ... of the rule.
-        rest = tuple(_relayout_input(place, 1 + i, t, mesh) if tf.is_tensor(t) else t for i, t in enumerate(rest))
+        rest = tuple(_relayout_input(place, 1 + i, t, mesh, sources) if tf.is_tensor(t) else t
+                     for i, t in enumerate(rest))
         for key, index in (("value", 1), ("key", 2)):
             if tf.is_tensor(kwargs.get(key)):
-                kwargs[key] = _relayout_input(place, index, kwargs[key], mesh)
+                kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources)
         with _draws_as_one_device(mesh):
             outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
         return keras.tree.map_structure(
-            lambda t: relayout_to(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
+            lambda t: _relayout_output(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
 
     layer._keras_lwp_original_call = layer.call
     layer.call = call
@@ -429,18 +439,48 @@ def _wrap_model_outputs(model, graph, plan, mesh):
     def call(*args, **kwargs):
         outputs = original(*args, **kwargs)
         return keras.tree.map_structure(
-            lambda t: relayout_to(t, (sample_axis,) + (None,) * (len(t.shape) - 1), mesh) if tf.is_tensor(t) else t,
-            outputs)
+            lambda t: _relayout_output(t, (sample_axis,) + (None,) * (len(t.shape) - 1), mesh) if tf.is_tensor(t)
+            else t, outputs)
 
     model.call = call
 
 
-def _relayout_input(place, index, tensor, mesh):
+# What Keras reads from a tensor beside its value: the losses' logits (keras/src/backend/tensorflow/
+# nn.py: _get_logits takes `_keras_logits`, or the input of the Softmax/Sigmoid op that made the
+# output) and the mask Keras' losses and metrics apply (`_keras_mask`).
+_LOGITS_OPS = ("Softmax", "Sigmoid")
+
+
+def _relayout_output(tensor, spec, mesh):
+    """A layer's (or the model's) output relaid to `spec`, keeping what Keras reads from the output
+    tensor itself: a relayout is a new tensor, and from it a cross-entropy would compute on
+    probabilities instead of the logits the single-device loss uses (another loss, not rounding)."""
+    import tensorflow as tf
+
+    relaid = relayout_to(tensor, spec, mesh)
+    if relaid is tensor:
+        return relaid
+    logits = getattr(tensor, "_keras_logits", None)
+    if logits is None and not tf.executing_eagerly() and getattr(tensor, "op", None) is not None \
+            and tensor.op.type in _LOGITS_OPS and len(tensor.op.inputs) == 1:
+        logits = tensor.op.inputs[0]
+    mask = getattr(tensor, "_keras_mask", None)
+    try:
+        if logits is not None:
+            relaid._keras_logits = relayout_to(logits, spec, mesh)
+        if mask is not None:
+            relaid._keras_mask = relayout_to(mask, spec[:len(mask.shape)], mesh)
+    except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either
+        pass
+    return relaid
+
+
+def _relayout_input(place, index, tensor, mesh, sources):
     import tensorflow as tf
 
     if not tf.is_tensor(tensor) or index >= len(place.info.calls[0].inputs):
         return tensor
-    return relayout_to(tensor, place.input_layout(index, tensor), mesh)
+    return relayout_to(tensor, place.input_layout(index, tensor), mesh, source=sources.get(index))
 
 
 # -- train / test / predict functions -----------------------------------------------------------

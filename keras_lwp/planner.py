@@ -14,6 +14,7 @@ plan: it is never predicted slower than a baseline.
 
 import fnmatch
 import math
+from collections.abc import Mapping
 
 import networkx as nx
 import numpy as np
@@ -120,24 +121,34 @@ def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile
     if memory_limit is not None and not (isinstance(memory_limit, (int, float)) and memory_limit > 0):
         raise ValueError(f"memory_limit must be a number of bytes > 0 or 'auto'. Received: {memory_limit!r}")
 
+    overrides = dict(overrides or {})
     if isinstance(strategy, Strategy):
-        problem = problem_for(strategy.mesh)
-        plan = problem.evaluate(problem.check_strategy(strategy), strategy.name)
+        problem = problem_for(_mesh_of_pins(overrides, [strategy.mesh], f"the strategy '{strategy.name}'"))
+        assignment = problem.check_strategy(strategy)
+        assignment.update(problem.pins(overrides))
+        plan = problem.evaluate(assignment, strategy.name)
     elif strategy in BASELINES:
-        problem = problem_for(spec.flattened())
-        plan = problem.evaluate(problem.baseline(strategy), strategy)
+        # A baseline runs on the flattened mesh (one axis: data parallelism over every device), or on
+        # the given mesh when the pins name its axes: the pins hold either way.
+        mesh_spec = _mesh_of_pins(overrides, [spec.flattened(), spec], f"strategy '{strategy}'")
+        problem = problem_for(mesh_spec)
+        assignment = problem.baseline(strategy)
+        assignment.update(problem.pins(overrides))
+        plan = problem.evaluate(assignment, strategy)
     elif strategy != "auto":
         raise ValueError(
             f"strategy must be 'auto', one of {', '.join(BASELINES)}, or a keras_lwp.Strategy. "
             f"Received: {strategy!r}"
         )
     else:
-        candidates = [spec] if overrides or spec.flattened() == spec else [spec, spec.flattened()]
+        meshes = [spec] if spec.flattened() == spec else [spec, spec.flattened()]
+        if overrides:  # search only the meshes whose axes the pins name
+            meshes = [_mesh_of_pins(overrides, meshes, "strategy 'auto'")]
         plan = smallest = None
-        for mesh_spec in candidates:
+        for mesh_spec in meshes:
             problem = problem_for(mesh_spec)
             try:
-                assignment = problem.optimal(overrides or {}, hidden_dimensions or space == "full", memory_limit)
+                assignment = problem.optimal(overrides, hidden_dimensions or space == "full", memory_limit)
             except MemoryLimitError as error:
                 smallest = smallest if smallest is not None and smallest.memory <= error.smallest.memory else error.smallest
                 continue
@@ -148,8 +159,8 @@ def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile
             raise _memory_error(memory_limit, smallest)
     if memory_limit is not None and plan.memory > memory_limit:
         raise MemoryLimitError(
-            f"Strategy '{plan.name}' needs an estimated {plan.memory / 2**20:.1f} MiB per device, more than "
-            f"memory_limit={memory_limit / 2**20:.1f} MiB. Largest layers: {_largest_layers(plan)}. "
+            f"Strategy '{plan.name}' needs an estimated {_size(plan.memory)} per device, more than "
+            f"memory_limit={_size(memory_limit)}. Largest layers: {_largest_layers(plan)}. "
             "Use strategy='auto', which searches for a plan that fits, or raise memory_limit.")
     # Beside every layer, what data parallelism would cost it: the summary's yardstick.
     flat = problem_for(spec.flattened())
@@ -158,14 +169,48 @@ def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile
     return plan
 
 
+def _mesh_of_pins(overrides, meshes, what):
+    """The first of `meshes` whose axes hold every mesh axis the pins in `overrides` name."""
+    named = set()
+    for pattern, config in overrides.items():
+        if not isinstance(config, Mapping):
+            raise ValueError(
+                f"The override for {pattern!r} is {config!r}; a configuration is a dict {{dimension: mesh axis}}, "
+                f"e.g. overrides={{{pattern!r}: {{'sample': 'x', 'channel': 'y'}}}} (an empty dict replicates the layer).")
+        named.update(config.values())
+        known = set().union(*(m.axis_names for m in meshes))
+        for dim, axis in config.items():
+            if axis not in known:
+                raise ValueError(
+                    f"The override for {pattern!r} splits dimension {dim!r} on mesh axis {axis!r}: mesh axis {axis!r} "
+                    f"is not in {' nor '.join(str(m) for m in meshes)}. Use one of the axes "
+                    f"{' or '.join(repr(list(m.axis_names)) for m in meshes)}.")
+    for mesh_spec in meshes:
+        if named <= set(mesh_spec.axis_names):
+            return mesh_spec
+    raise ValueError(
+        f"The overrides name mesh axes {sorted(named)}, but {what} runs on "
+        f"{' or '.join(str(m) for m in meshes)}: a plan runs on one mesh, so every pin must name axes of the same one. "
+        f"Write the pins with the axes of one of them ({' or '.join(repr(list(m.axis_names)) for m in meshes)}).")
+
+
+def _size(nbytes):
+    """Bytes for people: MiB, or KiB and bytes for small figures (a limit of 1000 bytes is not 0.0 MiB)."""
+    if nbytes >= 2**20 / 10:
+        return f"{nbytes / 2**20:.1f} MiB"
+    if nbytes >= 1024:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes:.0f} bytes"
+
+
 def _largest_layers(plan, count=3):
     largest = sorted(plan.layers.items(), key=lambda item: -item[1].memory)[:count]
-    return ", ".join(f"'{name}' {report.memory / 2**20:.1f} MiB" for name, report in largest)
+    return ", ".join(f"'{name}' {_size(report.memory)}" for name, report in largest)
 
 
 def _memory_error(memory_limit, smallest):
     error = MemoryLimitError(
-        f"No plan fits memory_limit={memory_limit / 2**20:.1f} MiB per device: the smallest footprint any "
+        f"No plan fits memory_limit={_size(memory_limit)} per device: the smallest footprint any "
         f"plan reaches is {smallest.memory_detail}, on {smallest.mesh}. "
         f"Largest layers in that plan: {_largest_layers(smallest)}. Raise memory_limit, use a mesh with more "
         "devices, or a smaller batch size.")
@@ -284,14 +329,19 @@ class Problem:
         """The fastest assignment (exact). With `memory_limit`, the fastest one found that fits: the
         search minimizes time + lambda * memory, bisecting lambda (memory is a sum over layers, so
         each search stays exact; a plan off that frontier can be missed, never a wrong fit)."""
+        pins = self.pins(overrides)
         allowed = dict(self.configs) if hidden_dimensions else {
             name: [c for c in configs if not self._implemented(name, c)] for name, configs in self.configs.items()}
-        for name, config in self._resolve_overrides(overrides).items():
-            allowed[name] = [config]
+        allowed.update({name: [config] for name, config in pins.items()})
         graph = self.cost_graph(allowed)
         assignment, _ = layout_search.optimal_assignment(graph)
         if memory_limit is None or self.memory(assignment).total <= memory_limit:
             return assignment
+        # The fastest plan does not fit: every split keras_lwp runs may save memory now (a
+        # convolution's channel split shards its kernel), whatever hidden_dimensions says.
+        allowed = dict(self.configs)
+        allowed.update({name: [config] for name, config in pins.items()})
+        graph = self.cost_graph(allowed)
         memory = {name: {c: self.layer_memory(name, c).total for c in allowed[name]} for name in self.nodes}
 
         def weighted(time_weight, memory_weight):
@@ -343,7 +393,8 @@ class Problem:
         implemented = {d.name for d in self.dims[name] if d.implemented}
         return any(dim in implemented for dim in config)
 
-    def _resolve_overrides(self, overrides):
+    def pins(self, overrides):
+        """{layer name: configuration} of the overrides ({name or fnmatch pattern: {dimension: axis}})."""
         pinned = {}
         for pattern, assignment in overrides.items():
             matches = [n for n in self.nodes if fnmatch.fnmatchcase(n, pattern)]
@@ -352,7 +403,10 @@ class Problem:
                     f"The override {pattern!r} matches no layer of the model. Layer names: "
                     f"{', '.join(self.nodes[:20])}{' ...' if len(self.nodes) > 20 else ''}"
                 )
-            config = Config(assignment)
+            try:
+                config = Config(assignment)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"The override for {pattern!r} ({', '.join(matches[:5])}): {error}") from None
             for name in matches:
                 self._check(name, config, "override")
                 pinned[name] = config
@@ -380,8 +434,10 @@ class Problem:
         return assignment
 
     def baseline(self, kind):
-        """The paper's baselines on this (one-axis) mesh: data, model (channel) and OWT."""
-        (axis, _), = self.mesh.axes
+        """The paper's baselines: data, model (channel) and OWT, split along the mesh's largest axis (on
+        the flattened mesh, every device; on a mesh of several axes, which pins may ask for, the rest
+        replicate)."""
+        axis = max(self.mesh.axes, key=lambda item: item[1])[0]
         assignment = {}
         for name in self.nodes:
             info = self.graph.nodes[name]["info"]

@@ -501,12 +501,30 @@ def _move_state_to_mesh(model):
         if not optimizer.built:
             _host_slots(optimizer)
             optimizer.build(model.trainable_variables)
+        _dense_gradients(optimizer)
         variables += list(optimizer.variables)
     for metric in model.metrics:
         variables += list(metric.variables)
     for variable in variables:
         layout = getattr(variable, "_layout", None)
         _variable_to_mesh(variable, spec_of(layout) if layout is not None else (None,) * len(variable.shape), mesh)
+
+
+def _dense_gradients(optimizer):
+    """Apply an Embedding's sparse gradient (tf.IndexedSlices) as a dense one: the sparse update
+    (ResourceScatterSub) has no DTensor layout rule. The dense sum of the slices adds the same rows."""
+    import tensorflow as tf
+
+    if getattr(optimizer, "_keras_lwp_dense", False):
+        return
+    apply = optimizer.apply
+
+    def dense_apply(grads, trainable_variables=None):
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        return apply(grads, trainable_variables)
+
+    optimizer.apply = dense_apply
+    optimizer._keras_lwp_dense = True
 
 
 def _host_slots(optimizer):

@@ -501,7 +501,7 @@ def _move_state_to_mesh(model):
         if not optimizer.built:
             _host_slots(optimizer)
             optimizer.build(model.trainable_variables)
-        _dense_gradients(optimizer)
+        _dense_sparse_updates(optimizer)
         variables += list(optimizer.variables)
     for metric in model.metrics:
         variables += list(metric.variables)
@@ -510,21 +510,26 @@ def _move_state_to_mesh(model):
         _variable_to_mesh(variable, spec_of(layout) if layout is not None else (None,) * len(variable.shape), mesh)
 
 
-def _dense_gradients(optimizer):
-    """Apply an Embedding's sparse gradient (tf.IndexedSlices) as a dense one: the sparse update
-    (ResourceScatterSub) has no DTensor layout rule. The dense sum of the slices adds the same rows."""
+def _dense_sparse_updates(optimizer):
+    """An optimizer's sparse additions to a variable (an Embedding's gradient rows: ResourceScatterAdd/
+    Sub, which have no DTensor layout rule) made dense: the dense sum of the rows adds what the
+    scatter adds, duplicates included. The optimizer's arithmetic on the rows (Adam squares each row
+    before duplicates are summed) is untouched, as on one device."""
     import tensorflow as tf
 
-    if getattr(optimizer, "_keras_lwp_dense", False):
-        return
-    apply = optimizer.apply
+    for target in (optimizer, getattr(optimizer, "inner_optimizer", None)):  # LossScaleOptimizer's too
+        if target is None or getattr(target, "_keras_lwp_dense_updates", False):
+            continue
+        for name in ("assign_add", "assign_sub"):
+            update = getattr(target, name)
 
-    def dense_apply(grads, trainable_variables=None):
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        return apply(grads, trainable_variables)
+            def dense(variable, value, update=update):
+                if isinstance(value, tf.IndexedSlices):
+                    value = tf.convert_to_tensor(value)
+                return update(variable, value)
 
-    optimizer.apply = dense_apply
-    optimizer._keras_lwp_dense = True
+            setattr(target, name, dense)
+        target._keras_lwp_dense_updates = True
 
 
 def _host_slots(optimizer):

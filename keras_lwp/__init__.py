@@ -13,7 +13,7 @@ print(plan.summary())
 ```
 """
 
-from keras_lwp import callbacks, cost, layers, layout_search, multihost
+from keras_lwp import cost, layers, layout_search, multihost
 from keras_lwp.config import Config
 from keras_lwp.cost.cache import clear_cache
 from keras_lwp.mesh import MeshSpec, make_mesh, use_virtual_devices
@@ -24,6 +24,17 @@ from keras_lwp.runtime import parallelize, strategy_of
 from keras_lwp.strategy import Strategy, StrategyCost
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # keras_lwp.callbacks imports Keras (and so TensorFlow): loaded on first use, so that the search,
+    # the rules and the cost arithmetic import without TensorFlow (tests/pure/test_imports.py).
+    if name == "callbacks":
+        import importlib
+
+        return importlib.import_module("keras_lwp.callbacks")
+    raise AttributeError(f"module 'keras_lwp' has no attribute {name!r}")
+
 
 __all__ = [
     "ClientFailedError", "ClientMismatchError", "Config", "MemoryLimitError", "MeshSpec", "Strategy", "StrategyCost",

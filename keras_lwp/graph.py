@@ -68,6 +68,20 @@ class LayerInfo:
     layer: object = field(default=None, repr=False, compare=False)  # the Keras layer, for the rewrap
 
     @property
+    def rule_names(self):
+        """The class names a rule may be registered under: the layer's class, then its ancestors up
+        to the one that defines `call` (a subclass that only configures Dense computes what Dense
+        does; one with its own `call` needs its own rule)."""
+        if self.layer is None:
+            return (self.class_name,)
+        names = []
+        for cls in type(self.layer).__mro__:
+            names.append(cls.__name__)
+            if "call" in vars(cls):
+                break
+        return tuple(names)
+
+    @property
     def output(self):
         """The first output of the first call (what a configuration's dimensions refer to)."""
         return self.calls[0].outputs[0]

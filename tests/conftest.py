@@ -1,16 +1,29 @@
-"""Test set-up: 8 logical CPU devices, made before TensorFlow initializes its devices."""
+"""Test set-up: 8 logical CPU devices, made before TensorFlow initializes its devices.
+
+tests/pure (the search, the rules' tables, the cost arithmetic) needs no TensorFlow: run alone
+(`python -m pytest -q tests/pure`, seconds) it never imports it, which tests/pure/test_imports.py checks.
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402
 
-import keras_lwp  # noqa: E402
+import keras_lwp  # noqa: E402  (imports no TensorFlow)
 
 DEVICES = 8
-keras_lwp.use_virtual_devices(DEVICES)
+PURE = pathlib.Path(__file__).parent / "pure"
+
+
+def pytest_configure(config):
+    """Split the CPU before any test module starts TensorFlow, unless only tests/pure runs."""
+    paths = [pathlib.Path(str(arg).split("::")[0]).resolve() for arg in config.args]
+    if not paths or not all(path == PURE or PURE in path.parents for path in paths):
+        keras_lwp.use_virtual_devices(DEVICES)
 
 
 def require_devices(count):

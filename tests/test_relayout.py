@@ -18,7 +18,6 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from keras_lwp import placement
-from keras_lwp.relayout_path import direct_move_is_exact, relayout_steps
 from keras_lwp.runtime import to_host, to_mesh
 from tests.conftest import require_devices
 
@@ -87,26 +86,3 @@ def test_relayout_is_exact(mesh_name, rank):
         if forward or backward:
             wrong.append(f"{src} -> {dst}: forward off by {forward:.3g}, gradient by {backward:.3g}")
     assert not wrong, f"{len(wrong)} of {len(pairs)} relayouts are not exact:\n" + "\n".join(wrong)
-
-
-def test_the_path_never_asks_for_a_wrong_move():
-    """Pure: every step is an unshard, a shard or a single move, and moves DTensor gets wrong are
-    exactly the non-leading ones the report names (rank 4: all six; rank 5: eight of twelve)."""
-    wrong = {rank: sorted((s, t) for s in range(1, rank) for t in range(1, rank)
-                          if s != t and not direct_move_is_exact(rank, s, t)) for rank in (2, 3, 4, 5)}
-    assert wrong[2] == wrong[3] == []
-    assert wrong[4] == [(1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2)]
-    assert wrong[5] == [(1, 2), (1, 3), (1, 4), (2, 1), (3, 1), (3, 4), (4, 1), (4, 3)]
-    for src, dst in itertools.product(_layouts(MESHES["3d"], 3), repeat=2):
-        before = src
-        for kind, after in relayout_steps(src, dst):
-            changed = [d for d in range(3) if before[d] != after[d]]
-            if kind == "unshard":
-                assert all(after[d] is None for d in changed)
-            elif kind == "shard":
-                assert all(before[d] is None for d in changed)
-            else:
-                assert len(changed) == 2 and sorted(a for a in (before[d] or after[d] for d in changed)) == \
-                    sorted([before[changed[0]] or before[changed[1]]] * 2)
-            before = after
-        assert before == dst

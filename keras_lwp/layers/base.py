@@ -81,15 +81,31 @@ class LayerRule:
 _RULES = {}
 
 
-def register_rule(*class_names):
-    """Class decorator: `@register_rule("Dense")` makes the rule plan every layer of that Keras class."""
+def register_rule(*class_names, replace=False):
+    """Class decorator: `@register_rule("Dense")` makes the rule plan every layer of that Keras class
+    (and of its subclasses that keep its `call`). A class has one rule: registering it again raises,
+    unless `replace=True` says the new rule is meant to take the old one's place."""
 
     def decorate(rule_class):
         for class_name in class_names:
+            current = _RULES.get(class_name)
+            if current is not None and not replace:
+                raise ValueError(
+                    f"Layer class {class_name!r} already has the rule {type(current).__name__}; registering "
+                    f"{rule_class.__name__} for it too would leave import order to pick one. Pass "
+                    f"register_rule({class_name!r}, replace=True) to replace it.")
             _RULES[class_name] = rule_class()
         return rule_class
 
     return decorate
+
+
+def _lookup(info):
+    for name in getattr(info, "rule_names", (info.class_name,)):
+        rule = _RULES.get(name)
+        if rule is not None:
+            return rule
+    return None
 
 
 class ReplicatedRule(LayerRule):
@@ -109,7 +125,7 @@ class UnknownLayerWarning(UserWarning):
 def rule_for(info, strict=False, warned=None):
     """The rule for a layer; unknown classes fall back to replicated, warned once per class
     among the calls that share the `warned` set (one plan)."""
-    rule = _RULES.get(info.class_name)
+    rule = _lookup(info)
     if rule is not None:
         return rule
     message = (
@@ -128,7 +144,7 @@ def rule_for(info, strict=False, warned=None):
 
 def registered_rule(info):
     """The rule for a layer, replicated for unknown classes, without a warning (the plan warned)."""
-    return _RULES.get(info.class_name, _REPLICATED_RULE)
+    return _lookup(info) or _REPLICATED_RULE
 
 
 def dimensions_of(info, space="runnable"):

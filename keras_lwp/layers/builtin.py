@@ -146,7 +146,6 @@ class DenseRule(LayerRule):
         return 2.0 * math.prod(call.outputs[0].shape) * call.inputs[0].shape[-1]
 
 
-@register_rule("EinsumDense")
 class EinsumDenseRule(LayerRule):
     """Sample-parallel: the batch axis of input and output; the kernel stays whole."""
 
@@ -190,7 +189,6 @@ def _tuple(value, rank):
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
 
 
-@register_rule("Conv1D", "Conv2D")
 class ConvRule(_WindowRule):
     """Convolutions: sample, spatial (with a halo of kernel-1 rows) and output channel."""
 
@@ -210,7 +208,6 @@ class ConvRule(_WindowRule):
         return 2.0 * math.prod(call.outputs[0].shape) * math.prod(kernel.shape[:-1]) / info.config.get("groups", 1)
 
 
-@register_rule("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")
 class PoolRule(_WindowRule):
     """Pooling windows: sample, spatial (halo of window - stride) and channel."""
 
@@ -236,7 +233,7 @@ class PoolRule(_WindowRule):
         return float(math.prod(call.outputs[0].shape) * math.prod(pool))
 
 
-@register_rule("DepthwiseConv2D", "SeparableConv2D", "SeparableConv1D", "DepthwiseConv1D",
+@register_rule("SeparableConv2D", "SeparableConv1D",
                "Conv2DTranspose", "Conv1DTranspose")
 class SampleOnlyConvRule(ConvRule):
     """Convolutions DTensor cannot differentiate sharded: DepthwiseConv2dNativeBackpropFilter has no
@@ -281,7 +278,6 @@ class SampleChannelRule(LayerRule):
         return float(math.prod(call.inputs[0].shape))
 
 
-@register_rule("Embedding")
 class EmbeddingRule(LayerRule):
     """Table lookup: split the ids (sample, length), the embedding (channel) or the vocabulary rows."""
 

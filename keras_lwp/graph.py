@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from keras_lwp import keras_internals
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -136,13 +138,13 @@ def _functional_of(model):
     import keras
 
     if isinstance(model, keras.Sequential):
-        if not model.built or getattr(model, "_functional", None) is None:
+        if not model.built or keras_internals.sequential_functional(model) is None:
             raise ValueError(
                 f"The Sequential model '{model.name}' is not built, so its layers have no shapes. "
                 "Give it an input shape (keras.Input(shape=...) as its first layer) or call model.build(...)."
             )
-        return model._functional
-    if not hasattr(model, "_nodes_by_depth") or not hasattr(model, "_operations"):
+        return keras_internals.sequential_functional(model)
+    if keras_internals.functional_graph(model) is None:
         raise TypeError(
             f"keras_lwp reads the layer graph of functional and Sequential models; the model "
             f"'{model.name}' is a subclass ({type(model).__name__}) whose call() it cannot see. "
@@ -199,7 +201,7 @@ class _Reader:
         return name
 
     def add_input(self, tensor):
-        layer = tensor._keras_history.operation
+        layer = keras_internals.history_layer(tensor)
         name = self.add_layer(layer)
         info = self.graph.nodes[name]["info"]
         t = self.tensor_info(tensor)
@@ -211,8 +213,9 @@ class _Reader:
         (flat node name, output index) that produces it, and is extended as we go."""
         import keras
 
-        for depth in sorted(functional._nodes_by_depth, reverse=True):
-            for node in functional._nodes_by_depth[depth]:
+        nodes_by_depth = keras_internals.functional_graph(functional)
+        for depth in sorted(nodes_by_depth, reverse=True):
+            for node in nodes_by_depth[depth]:
                 op = node.operation
                 if type(op).__name__ == "InputLayer":
                     continue

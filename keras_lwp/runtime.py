@@ -1,5 +1,8 @@
 """parallelize(model, mesh): run a Strategy on TensorFlow DTensor behind plain `fit`.
 
+Every change parallelize makes to Keras objects, and every private Keras name it uses, is listed in
+keras_lwp.keras_internals (checked by tests/test_keras_internals.py).
+
 What it does to the model (DESIGN.md, "Measured facts"):
 - every weight becomes a `dtensor.DVariable` with its layer's weight layout, and keeps that layout as
   `_layout`, which Keras passes on to the optimizer slots built from it;
@@ -29,7 +32,7 @@ import weakref
 
 import numpy as np
 
-from keras_lwp import multihost, placement
+from keras_lwp import keras_internals, multihost, placement
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, dimensions_of, registered_rule
 from keras_lwp.mesh import make_mesh, mesh_spec_of
@@ -270,12 +273,13 @@ def _variable_to_mesh(variable, spec, mesh):
     host (numpy, get_weights, save) gathers it and assigning a host value shards it."""
     from tensorflow.experimental import dtensor
 
-    value = variable._value
+    value = keras_internals.backing_variable(variable)
     if isinstance(value, dtensor.DVariable):
         return
-    variable._value = dtensor.DVariable(to_mesh(value.read_value(), spec, mesh), trainable=variable.trainable,
-                                        name=variable.path.replace("/", "_"))
-    variable._layout = dtensor_layout(spec, mesh)
+    keras_internals.set_backing_variable(
+        variable, dtensor.DVariable(to_mesh(value.read_value(), spec, mesh), trainable=variable.trainable,
+                                    name=variable.path.replace("/", "_")),
+        dtensor_layout(spec, mesh))
     variable.__class__ = _sharded_class(type(variable))
 
 
@@ -397,9 +401,7 @@ def _draws_as_one_device(mesh):
     seed mixed with its device's coordinates: another mask than the single-device model's, and
     another for every strategy. The price: each device draws the whole mask, not only its block."""
     import tensorflow as tf
-    from keras.src import backend
-
-    module = backend.random
+    module = keras_internals.random_module()
     saved = {name: getattr(module, name) for name in _SHAPED_DRAWS + ("dropout",)}
 
     def whole(draw):
@@ -411,7 +413,7 @@ def _draws_as_one_device(mesh):
     def dropout(inputs, rate, noise_shape=None, seed=None):
         if not isinstance(rate, (int, float)) or not 0 < rate < 1:
             return saved["dropout"](inputs, rate, noise_shape, seed)
-        shape = module._get_concrete_noise_shape(inputs, noise_shape)
+        shape = keras_internals.concrete_noise_shape(inputs, noise_shape)
         # Keras' own dropout of ones: 1/(1-rate) where kept, else 0, from the same draw of the same seed.
         mask = saved["dropout"](tf.ones(shape, inputs.dtype), rate, None, seed)
         return inputs * relayout_to(mask, (None,) * len(mask.shape), mesh)
@@ -536,9 +538,7 @@ def _host_slots(optimizer):
     """Keras' TF optimizer creates slots colocated with their weight, which on a DVariable yields a
     plain variable holding a DTensor that DTensor then mis-shapes. Build slots as ordinary host
     variables instead (they keep the weight's `_layout`); `_move_state_to_mesh` moves them."""
-    from keras.src.optimizers.base_optimizer import BaseOptimizer
-
-    optimizer.add_variable_from_reference = types.MethodType(BaseOptimizer.add_variable_from_reference, optimizer)
+    optimizer.add_variable_from_reference = types.MethodType(keras_internals.host_slot_builder(), optimizer)
     inner = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer under mixed precision
     if inner is not None:
         _host_slots(inner)
@@ -655,7 +655,7 @@ def _stepper(model, step_function):
             # variables would not be on the mesh (accuracy's count came out 7x too large).
             if getattr(model, "optimizer", None) is not None and not model.optimizer.built:
                 _host_slots(model.optimizer)
-            model._symbolic_build(data_batch=batch)
+            keras_internals.symbolic_build(model, batch)
             _move_state_to_mesh(model)
             ready.append(True)
         return _batch_to_mesh(model, batch)

@@ -36,6 +36,7 @@ import warnings
 
 import numpy as np
 
+from keras_lwp import keras_internals
 from keras_lwp.config import Config
 from keras_lwp.cost.cache import ProfileCache, digest
 from keras_lwp.cost.collectives import CollectiveModel, measure_collectives
@@ -474,7 +475,7 @@ class ProfiledCostModel(CostModel):
             raise ProfileError(f"the layer cannot be rebuilt from its config ({error})") from error
         call = info.calls[0]
         symbolic = {id(t): keras.KerasTensor(i.shape, i.dtype) for t, i in zip(call.node.input_tensors, call.inputs)}
-        args, kwargs = call.node.arguments.fill_in(symbolic)
+        args, kwargs = keras_internals.call_arguments(call.node, symbolic)
         clone(*args, **kwargs)  # builds the weights
         if len(clone.weights) != len(info.weights):
             raise ProfileError("the rebuilt layer has different weights")
@@ -496,7 +497,7 @@ class ProfiledCostModel(CostModel):
                 with tf.GradientTape() as tape:
                     for x in floats:
                         tape.watch(x)
-                    a, k = c.node.arguments.fill_in({id(t): x for t, x in zip(c.node.input_tensors, xs)})
+                    a, k = keras_internals.call_arguments(c.node, {id(t): x for t, x in zip(c.node.input_tensors, xs)})
                     if training:
                         k = dict(k, training=True)
                     out = clone(*a, **k)

@@ -1,0 +1,137 @@
+"""Every private Keras or TensorFlow name keras_lwp relies on, in one place, with why.
+
+Keras 3's TensorFlow distribution backend is a prototype, so parallelize reaches below the public API.
+Each entry below names what is used, where, and why; `check()` reports the ones a Keras or TensorFlow
+upgrade moved, and tests/test_keras_internals.py runs it, so an upgrade fails one test with one clear
+message instead of changing numbers silently. Accessors here are the only code that touches those
+names.
+
+What parallelize changes on a model (keras_lwp.runtime), in one list:
+- each weight and each random layer's seed state: its `_value` becomes a dtensor.DVariable, its
+  `_layout` the DTensor layout, its class a subclass whose host reads gather and writes shard
+  (`_direct_assign`);
+- each layer's `call` (relayout in, its rule's implementation or the original call, relayout out,
+  keeping `_keras_logits` and `_keras_mask`), and the model's `call` (outputs split like the labels);
+- the model's make_train/test/predict_function (one sharded batch at a time through Keras' own steps);
+- the optimizer, once a step function is made: `add_variable_from_reference` reset to Keras' own (slots
+  on the host, then moved), `assign_add`/`assign_sub` making sparse rows dense, and its variables and
+  every metric's moved onto the mesh;
+- while a wrapped call is traced, Keras' random draws (keras.src.backend.random) are made whole.
+"""
+
+# (module, name, kind, used by, why). kind "attribute": a name the module defines (a function, a
+# class or a method, read with getattr); kind "set": an instance attribute the module's source sets.
+INTERNALS = (
+    ("keras.src.ops.function", "_nodes_by_depth", "set", "graph.py",
+     "the layer graph of a functional model, in call order"),
+    ("keras.src.models.sequential", "_functional", "set", "graph.py",
+     "a built Sequential model's functional graph"),
+    ("keras.src.ops.node", "arguments", "set", "graph.py, cost/profiled.py",
+     "a call's arguments, to call a layer again as the model calls it (arguments.fill_in)"),
+    ("keras.src.ops.node", "_keras_history", "set", "graph.py",
+     "the layer that made a model input"),
+    ("keras.src.backend.tensorflow.core", "_value", "set", "runtime.py",
+     "the tf.Variable behind a Keras variable, replaced by a DVariable"),
+    ("keras.src.backend.tensorflow.core", "Variable._direct_assign", "attribute", "runtime.py",
+     "host writes to a sharded variable are packed onto the mesh"),
+    ("keras.src.trainers.trainer", "Trainer._symbolic_build", "attribute", "runtime.py",
+     "builds compile metrics and the optimizer before the first step, so their state is put on the mesh"),
+    ("keras.src.backend.tensorflow.random", "_get_concrete_noise_shape", "attribute", "runtime.py",
+     "dropout's mask shape, to draw the single device's mask"),
+    ("keras.src.optimizers.base_optimizer", "BaseOptimizer.add_variable_from_reference", "attribute", "runtime.py",
+     "optimizer slots built on the host (the TF optimizer colocates them with a DVariable, wrongly)"),
+    ("keras.src.backend.tensorflow.optimizer", "TFOptimizer.assign_sub", "attribute", "runtime.py",
+     "sparse rows scatter-subtracted (no DTensor rule): made dense"),
+    ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "runtime.py",
+     "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
+)
+
+
+def check():
+    """The internals missing from the installed Keras: [(module, name, used by, why, what is wrong)]."""
+    import importlib
+    import inspect
+
+    missing = []
+    for module_name, name, kind, used_by, why in INTERNALS:
+        try:
+            module = importlib.import_module(module_name)
+            if kind == "set":
+                if f".{name} =" not in inspect.getsource(module):
+                    raise AttributeError(f"{module_name} no longer sets .{name}")
+            else:
+                value = module
+                for part in name.split("."):
+                    value = getattr(value, part)
+        except (ImportError, AttributeError, OSError) as error:
+            missing.append((module_name, name, used_by, why, f"{type(error).__name__}: {error}"))
+    try:
+        from keras.src.backend.tensorflow import nn
+
+        if "_keras_logits" not in inspect.getsource(nn._get_logits):
+            missing.append(("keras.src.backend.tensorflow.nn", "_get_logits", "runtime.py",
+                            "the logits kept across relayouts", "it no longer reads _keras_logits"))
+    except (ImportError, AttributeError, OSError):
+        pass  # reported above
+    return missing
+
+
+# -- accessors ---------------------------------------------------------------------------------------
+
+def functional_graph(model):
+    """(nodes by depth, operations) of a functional model, or None for a model without them."""
+    if not hasattr(model, "_nodes_by_depth") or not hasattr(model, "_operations"):
+        return None
+    return model._nodes_by_depth
+
+
+def sequential_functional(model):
+    """A built Sequential model's inner functional model, or None."""
+    return getattr(model, "_functional", None)
+
+
+def history_layer(tensor):
+    """The layer that made a symbolic Keras tensor."""
+    return tensor._keras_history.operation
+
+
+def call_arguments(node, tensors):
+    """(args, kwargs) of a Keras node's call with its input tensors replaced ({id(tensor): value})."""
+    return node.arguments.fill_in(tensors)
+
+
+def backing_variable(variable):
+    """The tf.Variable (or DVariable) behind a Keras variable."""
+    return variable._value
+
+
+def set_backing_variable(variable, value, layout):
+    """Back a Keras variable by `value` (a DVariable) laid out as `layout`; Keras passes `_layout` on
+    to the optimizer slots built from the variable."""
+    variable._value = value
+    variable._layout = layout
+
+
+def symbolic_build(model, batch):
+    """Keras' build of compile metrics and the optimizer from a data batch, before the first step."""
+    model._symbolic_build(data_batch=batch)
+
+
+def concrete_noise_shape(inputs, noise_shape):
+    from keras.src import backend
+
+    return backend.random._get_concrete_noise_shape(inputs, noise_shape)
+
+
+def random_module():
+    """Keras' random draws by shape, which layers and keras.random call."""
+    from keras.src import backend
+
+    return backend.random
+
+
+def host_slot_builder():
+    """Keras' own add_variable_from_reference (the TF optimizer's colocates slots with a DVariable)."""
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    return BaseOptimizer.add_variable_from_reference

@@ -16,7 +16,7 @@ its fastest: on a machine shared with other jobs they only slow rounds down.
 
 Printed: per strategy both predictions, the measurement and the errors; per model the Spearman rank
 correlation of predicted against measured over the six strategies; the median absolute error over
-all of them, beside the goals (issue 5): median |error| <= 15% and Spearman >= 0.9 per model with the
+all of them, beside the goals: median |error| <= 15% and Spearman >= 0.9 per model with the
 profiled model.
 
 Profiling time is printed per model: cold (measuring what the cache lacks; the collectives and fit's

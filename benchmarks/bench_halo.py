@@ -1,5 +1,5 @@
 """Hidden dimensions of a convolution on a CPU DTensor mesh: the halo exchange against a naive
-spatial split, and the out-channel split, for one 3x3 'same' Conv2D (DESIGN.md's example).
+spatial split, and the out-channel split, for one 3x3 'same' Conv2D (docs/design.md's example).
 
     python -m benchmarks.bench_halo
 

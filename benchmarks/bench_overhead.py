@@ -5,7 +5,7 @@
 
 Each contender trains the same model for --steps steps after one warm-up step; contenders run
 interleaved (A B A B ...) for --rounds rounds so machine noise hits all alike; the median
-steady-state step time is printed beside the goal (issue 3: at most 10% and 5% slower), and
+steady-state step time is printed beside the goal (at most 10% and 5% slower), and
 apart from it what each `fit` call costs around its epoch.
 """
 

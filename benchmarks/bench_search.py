@@ -7,7 +7,7 @@ get_config and shape bookkeeping); then for 4, 8, 16 and 64 devices the planner 
 cost table and runs the exact search (auto searches both the 2-D mesh and the flattened one),
 median of 3 runs. Meshes are the P100 cluster's (4 GPUs per node), 32 samples per device; the
 configuration space is the paper's whole one by default (--space=full).
-Goals (issue 2): Inception-v3 on 8 devices <= 0.4 s; ResNet-101 on 64 devices <= 5 s.
+Goals: Inception-v3 on 8 devices <= 0.4 s; ResNet-101 on 64 devices <= 5 s.
 """
 
 import os

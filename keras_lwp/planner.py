@@ -58,7 +58,7 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
             for planning and simulation.
         hidden_dimensions: let "auto" choose splits keras_lwp computes itself because DTensor
             refuses them (a convolution's channels and rows). Off by default: on the emulated CPU
-            mesh the analytic cost model rates them faster than they run (issue 5 calibrates it).
+            mesh the analytic cost model rates them faster than they run; cost_model="profiled" measures them.
             Overrides and explicit strategies may use them either way.
         memory_limit: bytes one device may hold (keras_lwp.cost.memory: weights, gradients, Adam's
             slots, activations kept for the backward pass), or "auto" for the device profile's

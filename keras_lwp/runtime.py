@@ -3,7 +3,7 @@
 Every change parallelize makes to Keras objects, and every private Keras name it uses, is listed in
 keras_lwp.keras_internals (checked by tests/test_keras_internals.py).
 
-What it does to the model (DESIGN.md, "Measured facts"):
+What it does to the model (docs/design.md, "Measured facts"):
 - every weight becomes a `dtensor.DVariable` with its layer's weight layout, and keeps that layout as
   `_layout`, which Keras passes on to the optimizer slots built from it;
 - each layer's `call` is wrapped: inputs are relaid to the layouts the layer's configuration needs
@@ -40,7 +40,7 @@ from keras_lwp.placement import spec_of
 from keras_lwp.planner import plan_graph, _batch_size
 from keras_lwp.strategy import Strategy
 
-# Ops with no DTensor layout rule (DESIGN.md), run replicated: AveragePooling's gradient, the
+# Ops with no DTensor layout rule (docs/design.md), run replicated: AveragePooling's gradient, the
 # depthwise convolution's filter gradient (DepthwiseConv2D, SeparableConv2D, so MobileNet).
 for _op in ("AVGPOOLGRAD", "DEPTHWISECONV2DNATIVEBACKPROPFILTER", "DEPTHWISECONV2DNATIVEBACKPROPINPUT"):
     os.environ.setdefault(f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{_op}", "1")

@@ -3,7 +3,7 @@
 Every number says where it comes from. Peak figures are vendors' datasheets; `efficiency` is the
 fraction of peak a well-tuned convolution or matrix multiply reaches (cuDNN/cuBLAS reach 50-70% of
 fp32 peak on large layers); the emulated CPU mesh's figures were measured on this project's 2-core
-machine (../shared/DESIGN.md, "Measured facts"). A profile calibrated by profiling the real mesh
+machine (docs/design.md, "Measured facts"). A profile calibrated by profiling the real mesh
 replaces these (keras_lwp.cost: the CostModel interface takes any profile).
 """
 
@@ -116,7 +116,7 @@ PROFILES = {
         sources="NVIDIA H100 datasheet (SXM5: 67 TFLOPS fp32, 3.35 TB/s HBM3, 80 GB; NVLink 4 900 GB/s "
                 "bidirectional); NDR InfiniBand 400 Gb/s per GPU (DGX H100)",
     ),
-    # Logical CPU devices on this project's 2-core machine. ../shared/DESIGN.md: a 3x3 conv
+    # Logical CPU devices on this project's 2-core machine. docs/design.md: a 3x3 conv
     # (N=32, 32x32, 64->128) forward + filter gradient took 217 ms on one device (9.7 GFLOP: ~45 GFLOP/s);
     # two 2048x2048 Dense layers, batch 64, one training step 49 ms (3.2 GFLOP: ~66 GFLOP/s). The same step
     # data-parallel on 8 devices took 681 ms: ~630 ms for all-reducing 32 MB of gradients (2*7/8*32 MB
@@ -129,8 +129,8 @@ PROFILES = {
         intra_node=Link(latency=50e-6, bandwidth=0.1 * GB),
         inter_node=Link(latency=50e-6, bandwidth=0.1 * GB),
         concurrent_devices=2,
-        sources="measured on the project's 2-core machine, TF 2.21, 8 logical CPU devices (DESIGN.md); "
-                "memory bandwidth and latency assumed; issue 5 calibrates them",
+        sources="measured on the project's 2-core machine, TF 2.21, 8 logical CPU devices (docs/design.md); "
+                "memory bandwidth and latency assumed; cost_model=\"profiled\" measures them",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Rules for the Keras layers keras_lwp knows, one per layer kind (DESIGN.md's table).
+"""Rules for the Keras layers keras_lwp knows, one per layer kind (docs/design.md's table).
 
 | kind                           | dimensions                                        |
 | ------------------------------ | ------------------------------------------------- |

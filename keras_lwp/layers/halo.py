@@ -1,14 +1,14 @@
 """Blocks and halos: the machinery behind keras_lwp's spatial splits of windowed layers.
 
 DTensor shards a convolution or a pooling window along its batch only on CPU/GPU (halo exchange
-only on TPU: DESIGN.md, "Measured facts"). keras_lwp.layers.hidden (Conv1D/Conv2D) and
+only on TPU: docs/design.md, "Measured facts"). keras_lwp.layers.hidden (Conv1D/Conv2D) and
 keras_lwp.layers.hidden_pooling (Max/AveragePooling1D/2D) split the spatial axes themselves, from
 ops DTensor does shard, and move only the halo:
 
 1. Blocks (`to_blocks`). Each split spatial axis S (P ways on a mesh axis) is reshaped to [P, S/P];
    the block axis keeps the mesh axis: [N, H, W, C] -> [N, Ph, H/Ph, Pw, W/Pw, C] laid out
    [n?, h?, -, w?, -, c?]. Block axes stay axes of their own: folded into the batch they would merge
-   two split axes into one, which a DTensor layout cannot express (DESIGN.md measured 4x redundant
+   two split axes into one, which a DTensor layout cannot express (docs/design.md measured 4x redundant
    compute).
 2. Halo exchange (`exchange_halo`), one spatial axis after the other (so corners come along). The
    rows other blocks need from a block (its last `left` and first `right` rows, one tensor) are

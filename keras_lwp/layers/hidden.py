@@ -1,7 +1,7 @@
 """The paper's hidden dimensions of convolutions (channel, rows, columns) on CPU/GPU DTensor meshes.
 
 DTensor shards a convolution along its batch only on CPU/GPU (replicated filters; halo exchange only
-on TPU; the backprop ops batch-parallel only: DESIGN.md, "Measured facts"). This rule runs Conv1D and
+on TPU; the backprop ops batch-parallel only: docs/design.md, "Measured facts"). This rule runs Conv1D and
 Conv2D (channels_last) split along channel and spatial dims from ops DTensor does shard, and moves
 only the halo:
 

@@ -18,7 +18,7 @@
   axes that split the ids: the synchronization carries the whole table, not its row block (the
   DimSpec says so with `whole_gradient`, and the cost model prices it). What the split saves is
   memory (table and optimizer slots by rows) and the lookup; plain SGD fails on it as on every
-  Embedding split (ResourceScatterSub has no DTensor layout rule, DESIGN.md).
+  Embedding split (ResourceScatterSub has no DTensor layout rule, docs/design.md).
 
 Negative ids count from the end, as keras.ops.take does; an id past the table gives zeros (the
 single-device layer raises). Tested exactly (forward and table gradient) in

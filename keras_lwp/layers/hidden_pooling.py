@@ -1,7 +1,7 @@
 """Hidden dimensions of pooling (rows, columns, channel; AveragePooling's sample) on DTensor meshes.
 
 DTensor runs MaxPool and AvgPool batch-parallel or replicated only, and AvgPoolGrad has no layout
-rule at all: run "replicated" under a batch split it returned one shard's gradient (DESIGN.md). This
+rule at all: run "replicated" under a batch split it returned one shard's gradient (docs/design.md). This
 rule runs MaxPooling1D/2D and AveragePooling1D/2D (channels_last, 'valid' or 'same') split along
 length/height/width, channel and sample from ops DTensor shards, moving only the halo:
 

@@ -170,15 +170,39 @@ def make_mesh(mesh, device_type=None):
     if multihost.is_multi_client():
         return _distributed_mesh(spec, device_type)
     if device_type is None:
-        device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        named = _devices_of(mesh, spec.device_type)  # a DeviceMesh says which devices
+        device_type = spec.device_type if named else "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
     available = len(tf.config.list_logical_devices(device_type))
     if spec.size > available:
         raise ValueError(
             f"The mesh {spec} needs {spec.size} {device_type} devices but this process has {available}. "
             f"Use a smaller mesh, or call keras_lwp.use_virtual_devices({spec.size}) before TensorFlow starts."
         )
-    devices = [f"{device_type}:{i}" for i in range(spec.size)]
+    devices = _devices_of(mesh, device_type) or [f"{device_type}:{i}" for i in range(spec.size)]
+    if len(devices) < available and not _devices_of(mesh, device_type):
+        import warnings
+
+        warnings.warn(
+            f"The mesh {spec} uses {spec.size} of this process's {available} {device_type} devices "
+            f"({device_type}:0-{spec.size - 1}); the other {available - spec.size} stay idle. Use a mesh of "
+            f"{available} devices to use them all.", stacklevel=2)
     return dtensor.create_mesh(list(spec.axes), devices=devices, device_type=device_type)
+
+
+def _devices_of(mesh, device_type):
+    """The devices a keras.distribution.DeviceMesh names, as "CPU:4" (None for other meshes)."""
+    named = getattr(mesh, "devices", None)
+    if named is None or isinstance(mesh, (Mapping, MeshSpec, str)):
+        return None
+    import numpy as np
+
+    devices = []
+    for device in np.asarray(named).ravel():
+        kind, _, index = str(device).split("/")[-1].replace("device:", "").rpartition(":")
+        if kind.upper() != device_type:
+            raise ValueError(f"The DeviceMesh names device {device!r}, but the mesh is made of {device_type} devices.")
+        devices.append(f"{device_type}:{int(index)}")
+    return devices
 
 
 def _distributed_mesh(spec, device_type):

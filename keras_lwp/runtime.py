@@ -34,7 +34,7 @@ import numpy as np
 
 from keras_lwp import keras_internals, multihost, placement
 from keras_lwp.graph import layer_graph
-from keras_lwp.layers import Placement, dimensions_of, registered_rule
+from keras_lwp.layers import Placement, dimensions_of, has_rule_for, registered_rule
 from keras_lwp.mesh import make_mesh, mesh_spec_of
 from keras_lwp.placement import spec_of
 from keras_lwp.planner import plan_graph, _batch_size
@@ -103,11 +103,18 @@ def parallelize(model, mesh, strategy="auto", overrides=None, batch_size=None, p
             f"'{model._keras_lwp.strategy.name}' on {model._keras_lwp.strategy.mesh}). Parallelize a fresh "
             "model, or load its weights into one: parallelize changes the model in place."
         )
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        raise ValueError(
+            f"The optimizer of model '{model.name}' is already built (the model was trained): its state lives on one "
+            "device and is keyed to the variables parallelize replaces. Parallelize before the first fit, or "
+            "compile with a new optimizer first (model.compile(optimizer=...)), then parallelize.")
     dmesh = make_mesh(mesh)
     spec = mesh_spec_of(dmesh)
     batch_size = _batch_size(model, spec, batch_size)
     graph = layer_graph(model, batch_size)  # refuses subclassed and empty models before any change
     _check_float_inputs(graph)
+    _refuse_layers_dtensor_cannot_run(graph)
     if isinstance(strategy, str) and strategy.endswith(".json"):
         strategy = Strategy.from_json(strategy)
     plan = plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict,
@@ -161,6 +168,63 @@ def _check_float_inputs(graph):
             f"('{first.name}', {first.class_name}) computes in floats. Declare the input as "
             f"keras.Input(..., dtype='float32') and cast the data, or feed integers to an Embedding."
         )
+
+
+# Ops TensorFlow DTensor has no layout rule for: a step that contains one fails ("does not implement
+# layout propagation"), and the TensorList ops of a while loop (Keras' recurrences) crashed the process.
+UNRUNNABLE_OPS = frozenset({
+    "TensorListReserve", "TensorListFromTensor", "TensorListStack", "TensorListGetItem", "TensorListSetItem",
+    "TensorListPushBack", "TensorListPopBack", "TensorListConcatV2", "TensorListSplit", "TensorListGather",
+    "TensorListScatterIntoExistingList", "TensorArrayV3", "OptionalFromValue", "ExtractImagePatches",
+    "FusedBatchNormV3", "FusedBatchNormGradV3", "ReverseV2",
+})
+
+
+def _refuse_layers_dtensor_cannot_run(graph):
+    """A layer with no rule runs replicated, as the user's own code; refuse it, before any change, when
+    that code uses an op DTensor cannot run, naming the layer, the op and the way out."""
+    for name in graph:
+        info = graph.nodes[name]["info"]
+        if info.class_name == "InputLayer" or has_rule_for(info):
+            continue
+        unrunnable = sorted(_ops_of(info) & UNRUNNABLE_OPS)
+        if unrunnable:
+            raise ValueError(
+                f"Layer '{name}' ({info.class_name}) has no keras_lwp rule and computes with {unrunnable[0]}, an op "
+                "TensorFlow DTensor cannot run on a mesh (it fails, or crashes the process). Register a rule whose "
+                "implementation avoids that op (keras_lwp.layers.register_rule; docs/how-it-works.md, 'Adding a layer "
+                "rule'), or build the model without this layer.")
+
+
+def _ops_of(info):
+    """The op types of one call of a layer, forward and backward (while-loop bodies included)."""
+    import keras
+    import tensorflow as tf
+
+    call = info.calls[0] if info.calls else None
+    if call is None or call.node is None or info.layer is None:
+        return set()
+    layer = info.layer
+    specs = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype)) for t in call.inputs]
+
+    def forward_and_backward(*xs):
+        floats = [x for x in xs if x.dtype.is_floating]
+        with tf.GradientTape() as tape:
+            tape.watch(floats)
+            args, kwargs = keras_internals.call_arguments(call.node, {id(t): x for t, x in zip(call.node.input_tensors, xs)})
+            out = layer(*args, **kwargs)
+        outs = [o for o in keras.tree.flatten(out) if tf.is_tensor(o) and o.dtype.is_floating]
+        sources = floats + list(layer.trainable_variables)
+        return tape.gradient(outs, sources) if outs and sources else outs
+
+    try:
+        graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
+    except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
+        return set()
+    ops = {node.op for node in graph_def.node}
+    for function in graph_def.library.function:
+        ops.update(node.op for node in function.node_def)
+    return ops
 
 
 def _mesh_for(plan_mesh, dmesh):
@@ -671,8 +735,17 @@ def _stepper(model, step_function):
             pending[:] = [iterator, None, batch]
 
     def function(iterator):
+        # Like Keras' own: an execution the data ends inside returns the steps it ran (its callbacks
+        # follow); the next call, with nothing left, ends the epoch.
+        logs = None
         for _ in range(model.steps_per_execution):
-            logs = step(take(iterator))
+            try:
+                batch = take(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                if logs is None:
+                    raise
+                break
+            logs = step(batch)
             prefetch(iterator)
         return logs
 

@@ -88,6 +88,17 @@ class StrategyDiff(list):
         return "\n".join([head, *_table(rows, right={3, 4})])
 
 
+def _config_of(layer, assignment):
+    """A layer's Config from a {dimension: mesh axis} dict, errors naming the layer."""
+    if not isinstance(assignment, Mapping):
+        raise ValueError(f"The configuration of layer '{layer}' is {assignment!r}; a configuration is a dict "
+                         "{dimension: mesh axis}, e.g. {'sample': 'x', 'channel': 'y'} ({} replicates the layer).")
+    try:
+        return Config(assignment)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Layer '{layer}': {error}") from None
+
+
 class Strategy(Mapping):
     """A mapping from layer name to that layer's Config, over a mesh, with its predicted cost.
 
@@ -105,7 +116,7 @@ class Strategy(Mapping):
 
     def __init__(self, configs, mesh, name="custom", cost=None, memory=None, layers=None, profile=None,
                  memory_detail=None, edges=(), data_parallel=None, communication=None):
-        self._configs = {str(k): v if isinstance(v, Config) else Config(v) for k, v in configs.items()}
+        self._configs = {str(k): v if isinstance(v, Config) else _config_of(k, v) for k, v in configs.items()}
         self.mesh = mesh if isinstance(mesh, MeshSpec) else MeshSpec.from_dict(mesh)
         self.name = name
         self.cost = cost

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 import keras_lwp
+from tests import precision
 from keras_lwp.planner import random_strategy
 
 MESH = {"x": 2, "y": 2, "z": 2}
@@ -66,9 +67,7 @@ MODELS = {"residual_cnn": residual_cnn, "branch_cnn": branch_cnn, "mobile_cnn": 
 
 def train(model_name, strategy_seed=None, optimizer="momentum"):
     """Weights after STEPS steps of float64 training, and the losses, on one device or on a random plan."""
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    try:
+    with precision.float64():
         keras.utils.set_random_seed(3)
         model = MODELS[model_name]()
         rng = np.random.default_rng(0)
@@ -83,8 +82,6 @@ def train(model_name, strategy_seed=None, optimizer="momentum"):
         history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         weights = [np.asarray(keras_lwp.runtime.to_host(v.value)) for v in model.weights]
         return history.history["loss"][-1], weights, plan
-    finally:
-        keras.config.set_floatx(previous)
 
 
 def relative_error(reference, run):

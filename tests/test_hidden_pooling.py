@@ -26,6 +26,7 @@ from keras_lwp.layers import base, configurations, halo, hidden_pooling, registe
 from keras_lwp.mesh import mesh_spec_of
 from keras_lwp.runtime import to_host, to_mesh
 from tests.conftest import require_devices
+from tests import precision
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
 POOL_CLASSES = ("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")
@@ -156,11 +157,8 @@ def test_pooling_splits_train_like_one_device(mesh):
     with `fit` (Adam): the same losses and weights as one device (conv1's kernel gradient comes back
     through the row- and column-split max pooling). In float64: in float32 Adam (lr 1e-2) turns the
     reduction order of a split gradient into 2e-5 on single weights, which would hide a real error."""
-    keras.config.set_floatx("float64")
-    try:
+    with precision.float64():
         _train_pooling_splits(mesh)
-    finally:
-        keras.config.set_floatx("float32")
 
 
 def _train_pooling_splits(mesh):

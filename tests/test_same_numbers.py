@@ -17,7 +17,7 @@ import keras_lwp
 from keras_lwp import MemoryLimitError, Strategy
 from keras_lwp.mesh import MeshSpec
 from keras_lwp.runtime import to_host
-from tests import plan_fuzz
+from tests import plan_fuzz, precision
 
 MESH = {"x": 4, "y": 2}
 BATCH = 8
@@ -27,12 +27,8 @@ L = keras.layers
 
 def _float64(function):
     def wrapped(*args, **kwargs):
-        previous = keras.config.floatx()
-        keras.config.set_floatx("float64")
-        try:
+        with precision.float64():
             return function(*args, **kwargs)
-        finally:
-            keras.config.set_floatx(previous)
     return wrapped
 
 

@@ -6,6 +6,7 @@ from keras_lwp.layers import hidden_pooling  # noqa: F401  (pooling's spatial, c
 from keras_lwp.layers import hidden_embedding  # noqa: F401  (Embedding's channel and vocabulary splits)
 from keras_lwp.layers import einsum_dense  # noqa: F401  (EinsumDense's column- and row-parallel splits)
 from keras_lwp.layers import hidden_depthwise  # noqa: F401  (DepthwiseConv's sample, channel, spatial splits)
+from keras_lwp.layers import recurrent  # noqa: F401  (RNNs: sample split, run unrolled)
 from keras_lwp.layers.base import (
     DimSpec,
     LayerRule,
@@ -15,6 +16,7 @@ from keras_lwp.layers.base import (
     configurations,
     dimensions_of,
     has_rule,
+    has_rule_for,
     register_rule,
     registered_rule,
     rule_for,
@@ -23,5 +25,5 @@ from keras_lwp.layers.base import (
 
 __all__ = [
     "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations", "dimensions_of",
-    "has_rule", "register_rule", "registered_rule", "rule_for", "runnable_dims",
+    "has_rule", "has_rule_for", "register_rule", "registered_rule", "rule_for", "runnable_dims",
 ]

@@ -157,6 +157,11 @@ def has_rule(class_name):
     return class_name in _RULES
 
 
+def has_rule_for(info):
+    """Whether a rule plans this layer (its class or an ancestor that shares its call)."""
+    return _lookup(info) is not None
+
+
 def _numel(shape):
     return math.prod(shape)
 

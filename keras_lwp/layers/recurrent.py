@@ -1,0 +1,72 @@
+"""Recurrent layers (SimpleRNN, LSTM, GRU, ConvLSTM, RNN over a cell): split along the sample, run
+unrolled. A recurrence that runs backwards (go_backwards, so Bidirectional) reverses its sequence with
+ReverseV2, which DTensor cannot lay out: parallelize refuses it, naming the layer.
+
+Keras runs a recurrence as a `tf.while_loop` over TensorLists; DTensor has no layout rule for the
+TensorList ops (TensorListStack, ...) and a parallelized LSTM under `fit` crashed the process. Unrolled
+(`unroll=True`, a Python loop over the known time steps) the same cell computes the same operations on
+ordinary tensors, which DTensor shards along the batch. The layer's own `unroll` setting is restored
+after tracing, so the model's config and saved files do not change. The time steps must be known.
+"""
+
+import contextlib
+import math
+
+from keras_lwp.layers.base import DimSpec, LayerRule, register_rule
+
+
+def _recurrent_layers(layer):
+    """The layer and the RNNs inside it (Bidirectional's forward and backward layers)."""
+    layers = [layer]
+    for name in ("forward_layer", "backward_layer", "layer"):
+        inner = getattr(layer, name, None)
+        if inner is not None and hasattr(inner, "unroll"):
+            layers.append(inner)
+    return [each for each in layers if hasattr(each, "unroll")]
+
+
+@contextlib.contextmanager
+def unrolled(layer):
+    layers = _recurrent_layers(layer)
+    saved = [each.unroll for each in layers]
+    for each in layers:
+        each.unroll = True
+    try:
+        yield
+    finally:
+        for each, value in zip(layers, saved):
+            each.unroll = value
+
+
+@register_rule("SimpleRNN", "LSTM", "GRU", "RNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+class RecurrentRule(LayerRule):
+    """The recurrence runs along time on every device; the samples split."""
+
+    def dimensions(self, info):
+        x, y = info.inputs[0], info.output
+        if info.config.get("go_backwards"):
+            raise ValueError(
+                f"Layer '{info.name}' ({info.class_name}) runs backwards (go_backwards=True), which reverses the "
+                "sequence with ReverseV2, an op TensorFlow DTensor cannot run on a mesh. Reverse the sequence "
+                "outside the model, or parallelize a model without it.")
+        if len(x.shape) > 2 and x.shape[1] is None:
+            raise ValueError(
+                f"Layer '{info.name}' ({info.class_name}) runs its recurrence unrolled on the mesh (DTensor cannot "
+                "lay out the TensorList ops of a while loop), which needs the number of time steps: give the "
+                "model's input a fixed sequence length, e.g. keras.Input((T, features)).")
+        return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=tuple(0 for _ in info.inputs),
+                        weights=tuple(None for _ in info.weights))]
+
+    def forward_flops(self, info, call):
+        x = call.inputs[0]
+        steps = x.shape[1] if len(x.shape) > 2 and x.shape[1] else 1
+        per_sample = sum(math.prod(w.shape) for w in info.weights if len(w.shape) >= 2)
+        spatial = math.prod(x.shape[2:-1]) if len(x.shape) > 3 else 1  # ConvLSTM: every position
+        return 2.0 * x.shape[0] * steps * spatial * per_sample
+
+    def implementation(self, info, config):
+        def run(layer, place, mesh, *args, **kwargs):
+            with unrolled(layer):
+                return type(layer).call(layer, *args, **kwargs)
+
+        return run

@@ -1,0 +1,123 @@
+"""Bad and unusual input: an error that says what happened, where and the way out, raised before
+anything changes (the model then trains like plain Keras), or behaviour like plain Keras."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lwp
+from keras_lwp import Strategy
+from keras_lwp.mesh import MeshSpec
+from keras_lwp.runtime import to_host
+
+MESH = {"x": 4, "y": 2}
+L = keras.layers
+
+
+def mlp():
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((12,), name="features")
+    x = L.Dense(16, activation="relu", name="d1")(inputs)
+    return keras.Model(inputs, L.Dense(4, name="d2")(x))
+
+
+def data(samples=32):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((samples, 12)).astype("float32"), rng.integers(0, 4, samples)
+
+
+def trained_weights(model, steps_per_execution=1):
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution)
+    model.fit(*data(), batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return [np.asarray(to_host(v.value)) for v in model.weights]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(overrides={"d1": "x"}), r"override for 'd1' is 'x'; a configuration is a dict \{dimension: mesh axis\}"),
+    (dict(overrides={"d1": {"sample": "x", "channel": "x"}}), r"'d1'.*A mesh axis may split at most one dimension"),
+    (dict(overrides={"d1": {"channel": "q"}}), r"'d1' splits dimension 'channel' on mesh axis 'q'.*Use one of the axes"),
+    (dict(strategy="data", memory_limit=1000), r"memory_limit=1000 bytes"),
+], ids=["bare-axis", "axis-twice", "unknown-axis", "tiny-memory-limit"])
+def test_errors_name_the_place_and_the_way_out_and_change_nothing(kwargs, message):
+    model = mlp()
+    with pytest.raises(ValueError, match=message):
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=8, **kwargs)
+    assert getattr(model, "_keras_lwp", None) is None
+    for got, want in zip(trained_weights(model), trained_weights(mlp())):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_a_strategy_with_an_axis_twice_names_the_layer():
+    with pytest.raises(ValueError, match="Layer 'd1': A mesh axis may split at most one dimension"):
+        Strategy({"d1": {"sample": "x", "channel": "x"}}, MeshSpec((("x", 4), ("y", 2))))
+
+
+def test_parallelize_after_fit_is_refused_with_the_way_out():
+    model = mlp()
+    trained_weights(model)
+    with pytest.raises(ValueError, match="already built .*Parallelize before the first fit, or compile with a new"):
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=8)
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=8)  # the way out works
+    model.fit(*data(), batch_size=8, epochs=1, verbose=0)
+
+
+def test_embedding_splits_train_with_plain_sgd():
+    def build():
+        keras.utils.set_random_seed(3)
+        ids = keras.Input((5,), dtype="int32", name="ids")
+        x = L.Embedding(32, 8, name="embed")(ids)
+        return keras.Model(ids, L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="gap")(x)))
+
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 32, (16, 5)).astype("int32"), rng.integers(0, 3, 16)
+    runs = []
+    for strategy in (None, Strategy({"ids": {"sample": "x"}, "embed": {"sample": "x", "channel": "y"},
+                                     "gap": {"sample": "x"}, "head": {"sample": "x"}}, MeshSpec((("x", 4), ("y", 2))))):
+        model = build()
+        if strategy is not None:
+            keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=strategy, batch_size=8)
+        model.compile(keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        runs.append([np.asarray(to_host(v.value)) for v in model.weights])
+    for got, want in zip(*runs):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_steps_per_execution_calls_back_like_plain_keras(steps_per_execution):
+    def batches(parallel):
+        model = mlp()
+        if parallel:
+            keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=8)
+        model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      steps_per_execution=steps_per_execution)
+        seen = {"train": [], "test": []}
+        record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen["train"].append(b))
+        record.on_test_batch_end = lambda b, logs=None: seen["test"].append(b)
+        x, y = data(40)  # 5 batches of 8
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+        model.evaluate(x, y, batch_size=8, verbose=0, callbacks=[record])
+        return seen, [np.asarray(to_host(v.value)) for v in model.weights]
+
+    plain, plain_weights = batches(False)
+    parallel, parallel_weights = batches(True)
+    assert parallel == plain
+    for got, want in zip(parallel_weights, plain_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_keras_device_mesh_runs_on_the_devices_it_names():
+    devices = keras.distribution.list_devices("cpu")[4:8]
+    mesh = keras_lwp.make_mesh(keras.distribution.DeviceMesh((2, 2), ["x", "y"], devices=devices))
+    assert [d.split(":")[-1] for d in mesh.local_devices()] == ["4", "5", "6", "7"]
+
+
+def test_a_mesh_smaller_than_the_devices_says_so():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keras_lwp.make_mesh({"x": 3, "y": 2})
+    assert any("uses 6 of this process's 8 CPU devices" in str(w.message) for w in caught)

@@ -1,0 +1,101 @@
+"""Recurrent layers train, evaluate and predict like one device (float64), under every kind of plan.
+
+A parallelized LSTM used to kill the process in `fit` (DTensor and the TensorList ops of Keras' while
+loop); keras_lwp.layers.recurrent runs recurrences unrolled and splits them along the samples.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lwp
+from keras_lwp.planner import random_strategy
+from keras_lwp.runtime import to_host
+from tests import precision
+
+MESH = {"x": 4, "y": 2}
+BATCH = 8
+L = keras.layers
+
+
+def lstm():
+    inputs = keras.Input((8, 6), name="sequence")
+    return keras.Model(inputs, L.Dense(10, name="head")(L.LSTM(16, name="lstm")(inputs)))
+
+
+def stacked():
+    inputs = keras.Input((8, 6), name="sequence")
+    x = L.GRU(12, return_sequences=True, name="gru")(inputs)
+    x = L.SimpleRNN(8, name="rnn")(x)
+    return keras.Model(inputs, L.Dense(5, name="head")(x))
+
+
+def bidirectional():
+    inputs = keras.Input((8, 6), name="sequence")
+    x = L.Bidirectional(L.LSTM(8, return_sequences=True), name="bi")(inputs)
+    x = L.GlobalAveragePooling1D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(4, name="head")(x))
+
+
+def conv_lstm():
+    inputs = keras.Input((3, 6, 6, 2), name="frames")
+    x = L.ConvLSTM2D(4, 3, padding="same", name="convlstm")(inputs)
+    x = L.Flatten(name="flat")(x)
+    return keras.Model(inputs, L.Dense(3, name="head")(x))
+
+
+MODELS = {"lstm": lstm, "stacked": stacked, "bidirectional": bidirectional, "conv_lstm": conv_lstm}
+
+
+def run(model_name, strategy=None):
+    with precision.float64():
+        keras.utils.set_random_seed(4)
+        model = MODELS[model_name]()
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2 * BATCH,) + tuple(model.inputs[0].shape[1:]))
+        y = rng.integers(0, model.outputs[0].shape[-1], 2 * BATCH)
+        if strategy is not None:
+            if strategy == "random":
+                strategy = random_strategy(model, MESH, BATCH, seed=1)
+            keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=strategy, batch_size=BATCH)
+        model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        evaluated = model.evaluate(x, y, batch_size=BATCH, verbose=0)
+        predicted = model.predict(x, batch_size=BATCH, verbose=0)
+        weights = [np.asarray(to_host(v.value)) for v in model.weights]
+        return history.history["loss"], evaluated, predicted, weights
+
+
+@pytest.mark.parametrize("strategy", ["data", "auto", "random"])
+@pytest.mark.parametrize("model_name", ["lstm", "stacked"])
+def test_recurrent_models_train_like_one_device(model_name, strategy):
+    want = run(model_name)
+    got = run(model_name, strategy)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-9)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-9)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-9, atol=1e-12)
+    for got_weight, want_weight in zip(got[3], want[3]):
+        np.testing.assert_allclose(got_weight, want_weight, rtol=1e-9, atol=1e-12)
+
+
+def test_conv_lstm_trains_like_one_device():
+    want, got = run("conv_lstm"), run("conv_lstm", "data")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-9)
+    for got_weight, want_weight in zip(got[3], want[3]):
+        np.testing.assert_allclose(got_weight, want_weight, rtol=1e-9, atol=1e-12)
+
+
+def test_an_unknown_sequence_length_is_refused_before_any_change():
+    inputs = keras.Input((None, 6))
+    model = keras.Model(inputs, L.Dense(3)(L.LSTM(4, name="lstm")(inputs)))
+    with pytest.raises(ValueError, match="needs static shapes.*Give the model's inputs fixed shapes"):
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=BATCH)
+    assert getattr(model, "_keras_lwp", None) is None
+
+
+def test_a_backwards_recurrence_is_refused_naming_the_layer():
+    """Bidirectional's backward LSTM reverses the sequence (ReverseV2: no DTensor rule)."""
+    model = bidirectional()
+    with pytest.raises(ValueError, match="'bi' .*(ReverseV2|TensorList)"):
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=BATCH)
+    assert getattr(model, "_keras_lwp", None) is None

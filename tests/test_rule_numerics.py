@@ -122,6 +122,14 @@ CASES = {
     "SeparableConv2D": Case(P(L.SeparableConv2D, C, 3, padding="same"), (IMAGE,)),
     "Conv1DTranspose": Case(P(L.Conv1DTranspose, C, 3, strides=2, padding="same"), (SEQUENCE,)),
     "Conv2DTranspose": Case(P(L.Conv2DTranspose, C, 3, strides=2, padding="same"), (IMAGE,)),
+    # Recurrences run unrolled over their (known) time steps: few steps keep the traces short.
+    "SimpleRNN": Case(P(L.SimpleRNN, 4, return_sequences=True), ((N, 3, C),)),
+    "LSTM": Case(P(L.LSTM, 4), ((N, 3, C),)),
+    "GRU": Case(P(L.GRU, 4, return_sequences=True), ((N, 3, C),)),
+    "RNN": Case(lambda name=None: L.RNN(L.LSTMCell(4), name=name), ((N, 3, C),)),
+    "ConvLSTM1D": Case(P(L.ConvLSTM1D, 2, 3, padding="same"), ((N, 2, 4, 2),)),
+    "ConvLSTM2D": Case(P(L.ConvLSTM2D, 2, 3, padding="same", return_sequences=True), ((N, 2, 4, 4, 2),)),
+    "ConvLSTM3D": Case(P(L.ConvLSTM3D, 2, 3, padding="same"), ((N, 2, 2, 4, 4, 2),)),
 }
 # InputLayer computes nothing: its configuration is how a batch is packed (test_input_layer_packs_...).
 COVERED_ELSEWHERE = {**{name: "tests/test_hidden_conv.py" for name in CONV_CLASSES},

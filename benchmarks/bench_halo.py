@@ -51,7 +51,7 @@ def main(argv):
 
     from keras_lwp import Config, MeshSpec, Strategy
     from keras_lwp.layers import halo, hidden
-    from keras_lwp.runtime import dtensor_layout, to_host, to_mesh
+    from keras_lwp.placement import layout, to_host, to_mesh
 
     n, size, cin, cout, k = FLAGS.batch, FLAGS.size, FLAGS.in_channels, FLAGS.filters, FLAGS.kernel
     mesh_axes = {"x": outer, "y": inner}
@@ -111,7 +111,7 @@ def main(argv):
         return filter_step(layer, before), to_mesh(x, input_spec, dmesh)
 
     def gather_height(data):
-        return dtensor.relayout(data, dtensor_layout(("x", None, None, None), mesh))
+        return dtensor.relayout(data, layout(("x", None, None, None), mesh))
 
     setups = {
         "(a) one device": one_device(),

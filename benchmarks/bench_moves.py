@@ -49,7 +49,7 @@ def main(argv):
     from keras_lwp.graph import layer_graph
     from keras_lwp.layers import Placement, dimensions_of
     from keras_lwp.mesh import mesh_spec_of
-    from keras_lwp.runtime import relayout_to, to_mesh
+    from keras_lwp.placement import relayout, to_mesh
 
     mesh = keras_lwp.make_mesh({"x": outer, "y": inner})
     spec = mesh_spec_of(mesh)
@@ -109,7 +109,7 @@ def main(argv):
             # As the optimizer takes them: dense (an Embedding's IndexedSlices densified), laid out
             # like their weight (its slots).
             return grads[:len(grads) - len(weights)] + [
-                relayout_to(tf.convert_to_tensor(g), place.weight_layout(i), mesh)
+                relayout(tf.convert_to_tensor(g), place.weight_layout(i), mesh)
                 for i, g in enumerate(grads[len(grads) - len(weights):])]
 
         forward.__name__, step.__name__ = f"moves_{index}_forward", f"moves_{index}_step"

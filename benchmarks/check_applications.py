@@ -60,7 +60,7 @@ def _compare(name, builder, size, x, y, strategy):
     import numpy as np
 
     import keras_lwp
-    from keras_lwp.runtime import to_host
+    from keras_lwp.placement import to_host
 
     runs = []
     for parallel in (False, True):

@@ -6,7 +6,7 @@ upgrade moved, and tests/test_keras_internals.py runs it, so an upgrade fails on
 message instead of changing numbers silently. Accessors here are the only code that touches those
 names.
 
-What parallelize changes on a model (keras_lwp.runtime), in one list:
+What parallelize changes on a model (keras_lwp.placement, .wrapping, .fit_loop), in one list:
 - each weight and each random layer's seed state: its `_value` becomes a dtensor.DVariable, its
   `_layout` the DTensor layout, its class a subclass whose host reads gather and writes shard
   (`_direct_assign`);
@@ -26,23 +26,23 @@ INTERNALS = (
      "the layer graph of a functional model, in call order"),
     ("keras.src.models.sequential", "_functional", "set", "graph.py",
      "a built Sequential model's functional graph"),
-    ("keras.src.ops.node", "arguments", "set", "graph.py, cost/profiled.py",
+    ("keras.src.ops.node", "arguments", "set", "graph.py, runtime.py, cost/timing.py",
      "a call's arguments, to call a layer again as the model calls it (arguments.fill_in)"),
     ("keras.src.ops.node", "_keras_history", "set", "graph.py",
      "the layer that made a model input"),
-    ("keras.src.backend.tensorflow.core", "_value", "set", "runtime.py",
+    ("keras.src.backend.tensorflow.core", "_value", "set", "placement.py",
      "the tf.Variable behind a Keras variable, replaced by a DVariable"),
-    ("keras.src.backend.tensorflow.core", "Variable._direct_assign", "attribute", "runtime.py",
+    ("keras.src.backend.tensorflow.core", "Variable._direct_assign", "attribute", "placement.py",
      "host writes to a sharded variable are packed onto the mesh"),
-    ("keras.src.trainers.trainer", "Trainer._symbolic_build", "attribute", "runtime.py",
+    ("keras.src.trainers.trainer", "Trainer._symbolic_build", "attribute", "fit_loop.py",
      "builds compile metrics and the optimizer before the first step, so their state is put on the mesh"),
-    ("keras.src.backend.tensorflow.random", "_get_concrete_noise_shape", "attribute", "runtime.py",
+    ("keras.src.backend.tensorflow.random", "_get_concrete_noise_shape", "attribute", "wrapping.py",
      "dropout's mask shape, to draw the single device's mask"),
-    ("keras.src.optimizers.base_optimizer", "BaseOptimizer.add_variable_from_reference", "attribute", "runtime.py",
+    ("keras.src.optimizers.base_optimizer", "BaseOptimizer.add_variable_from_reference", "attribute", "placement.py",
      "optimizer slots built on the host (the TF optimizer colocates them with a DVariable, wrongly)"),
-    ("keras.src.backend.tensorflow.optimizer", "TFOptimizer.assign_sub", "attribute", "runtime.py",
+    ("keras.src.backend.tensorflow.optimizer", "TFOptimizer.assign_sub", "attribute", "placement.py",
      "sparse rows scatter-subtracted (no DTensor rule): made dense"),
-    ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "runtime.py",
+    ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "wrapping.py",
      "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
 )
 
@@ -69,7 +69,7 @@ def check():
         from keras.src.backend.tensorflow import nn
 
         if "_keras_logits" not in inspect.getsource(nn._get_logits):
-            missing.append(("keras.src.backend.tensorflow.nn", "_get_logits", "runtime.py",
+            missing.append(("keras.src.backend.tensorflow.nn", "_get_logits", "wrapping.py",
                             "the logits kept across relayouts", "it no longer reads _keras_logits"))
     except (ImportError, AttributeError, OSError):
         pass  # reported above

@@ -49,6 +49,11 @@ class MeshSpec:
     def axis_size(self, name):
         return dict(self.axes)[name]
 
+    def parts(self, axes):
+        """Into how many parts the mesh axes `axes` split a tensor (None entries, as in a layout, split
+        nothing): the product of their sizes."""
+        return math.prod(self.axis_size(a) for a in axes if a is not None)
+
     def axis_stride(self, name):
         """How many devices apart two neighbours along `name` are (row-major device order)."""
         stride = 1

@@ -33,7 +33,7 @@ from keras_lwp.strategy import EdgeReport, LayerReport, Strategy, StrategyCost
 BASELINES = ("data", "model", "owt")
 
 
-def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profile=None,
+def search(model, mesh, batch_size=None, strategy="auto", *, overrides=None, profile=None,
            cost_model="analytic", strict=False, space="runnable", hidden_dimensions=False, memory_limit=None):
     """Plan a parallelization of `model` over `mesh` without touching the model.
 
@@ -71,15 +71,16 @@ def search(model, mesh, batch_size=None, strategy="auto", overrides=None, profil
     spec = mesh_spec_of(mesh)
     batch_size = _batch_size(model, spec, batch_size)
     graph = layer_graph(model, batch_size)
-    return plan_graph(graph, spec, batch_size, strategy, overrides, profile, cost_model, strict, space,
-                      hidden_dimensions, memory_limit, optimizer=getattr(model, "optimizer", None))
+    return plan_graph(graph, spec, batch_size, strategy, overrides=overrides, profile=profile, cost_model=cost_model,
+                      strict=strict, space=space, hidden_dimensions=hidden_dimensions, memory_limit=memory_limit,
+                      optimizer=getattr(model, "optimizer", None))
 
 
 class MemoryLimitError(ValueError):
     """No plan (or not the plan asked for) fits the memory limit of one device."""
 
 
-def plan_graph(graph, mesh, batch_size, strategy="auto", overrides=None, profile=None, cost_model="analytic",
+def plan_graph(graph, mesh, batch_size, strategy="auto", *, overrides=None, profile=None, cost_model="analytic",
                strict=False, space="runnable", hidden_dimensions=False, memory_limit=None, optimizer=None):
     """`search` from an already-read layer graph (keras_lwp.graph.layer_graph) and a MeshSpec;
     `optimizer` is the one a "profiled" cost model times the update of."""
@@ -390,7 +391,7 @@ class Problem:
 
     def _implemented(self, name, config):
         """Whether `config` uses a split the layer's rule computes itself (not DTensor's kernel)."""
-        implemented = {d.name for d in self.dims[name] if d.implemented}
+        implemented = {d.name for d in self.dims[name] if d.by_keras_lwp}
         return any(dim in implemented for dim in config)
 
     def pins(self, overrides):
@@ -460,8 +461,9 @@ class Problem:
             incoming = 0.0
             for u in self.graph.predecessors(node):
                 incoming += float(self.edge_table(u, node, [assignment[u]], [assignment[node]])[0, 0])
-            layers[node] = LayerReport(self.graph.nodes[node]["info"].class_name, cost.compute, cost.sync,
-                                       cost.transfer + incoming, self.layer_memory(node, assignment[node]).total)
+            layers[node] = LayerReport(class_name=self.graph.nodes[node]["info"].class_name, compute=cost.compute,
+                                       sync=cost.sync, transfer=cost.transfer + incoming,
+                                       memory=self.layer_memory(node, assignment[node]).total)
             compute += cost.compute
             sync += cost.sync
             transfer += cost.transfer + incoming

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from keras_lwp.config import Config
+from keras_lwp.cost.model import LayerCost
 from keras_lwp.mesh import MeshSpec
 
 
@@ -30,20 +31,12 @@ class StrategyCost:
                 f"sync {self.sync * 1e3:.3f}, transfer {self.transfer * 1e3:.3f}{overhead})")
 
 
-@dataclass(frozen=True)
-class LayerReport:
+@dataclass(frozen=True, kw_only=True)
+class LayerReport(LayerCost):
     """One row of a Strategy's summary: a layer's class and predicted costs (seconds, bytes).
     `transfer` includes the relayouts into the layer."""
 
     class_name: str
-    compute: float
-    sync: float
-    transfer: float
-    memory: float
-
-    @property
-    def total(self):
-        return self.compute + self.sync + self.transfer
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import tensorflow as tf
 import keras_lwp
 from keras_lwp import Config, Strategy
 from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.runtime import to_host, to_mesh
+from keras_lwp.placement import to_host, to_mesh
 from tests.conftest import require_devices
 
 ABBREVIATION = {"n": "sample", "c": "channel", "h": "height", "w": "width", "l": "length", "v": "vocabulary",

@@ -12,6 +12,7 @@ import numpy as np
 
 import keras_lwp
 from tests import precision
+from keras_lwp.placement import to_host
 from keras_lwp.planner import random_strategy
 
 MESH = {"x": 2, "y": 2, "z": 2}
@@ -80,7 +81,7 @@ def train(model_name, strategy_seed=None, optimizer="momentum"):
         opt = keras.optimizers.SGD(0.1, momentum=0.9) if optimizer == "momentum" else keras.optimizers.Adam(1e-2)
         model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-        weights = [np.asarray(keras_lwp.runtime.to_host(v.value)) for v in model.weights]
+        weights = [np.asarray(to_host(v.value)) for v in model.weights]
         return history.history["loss"][-1], weights, plan
 
 

@@ -10,7 +10,7 @@ import pytest
 import keras_lwp
 from keras_lwp import Strategy
 from keras_lwp.mesh import MeshSpec
-from keras_lwp.runtime import to_host
+from keras_lwp.placement import to_host
 
 MESH = {"x": 4, "y": 2}
 L = keras.layers

@@ -62,7 +62,7 @@ def test_declared_dimensions_and_what_they_communicate():
     info = layer_graph(model, 4).nodes["proj"]["info"]
     dims = {d.name: d for d in registered_rule(info).dimensions(info)}
     assert list(dims) == ["sample", "length", "channel", "reduction"]
-    assert all(d.native and not d.implemented for d in dims.values())
+    assert all(d.runnable and not d.by_keras_lwp for d in dims.values())
     spec = MeshSpec((("x", 2), ("y", 2), ("z", 2)))
     runnable = configurations(info, runnable_dims(list(dims.values())), spec)
     for config in EQUATIONS["abc,cde->abde"][2]:

@@ -21,7 +21,7 @@ from keras_lwp import Config, MeshSpec, Strategy
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import base, configurations, halo, hidden, registered_rule, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.runtime import to_host, to_mesh
+from keras_lwp.placement import to_host, to_mesh
 from tests.conftest import require_devices
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
@@ -207,7 +207,7 @@ def test_declared_runnable_configurations_include_the_tested_ones():
     for geometry, (size, kwargs) in GEOMETRIES.items():
         info = conv_info(keras.layers.Conv2D(4, name="conv", **kwargs), (4, size, size, 3))
         dims, configs = runnable(info)
-        assert all(d.native for d in dims), geometry
+        assert all(d.runnable for d in dims), geometry
         for config in CONFIGS:
             assert Config(parse(config)) in configs, (geometry, config)
             assert registered_rule(info).implementation(info, Config(parse(config))) is hidden.hidden_conv
@@ -226,7 +226,7 @@ def test_configurations_declared_not_runnable_are_absent(case):
         hidden_dims = {"height", "width"}  # channel: no such dimension for groups != 1
     rule = registered_rule(info)
     dims = rule.dimensions(info)
-    left_out = {d.name for d in dims if not d.native}
+    left_out = {d.name for d in dims if not d.runnable}
     assert left_out == ({"height", "width"} if case == "groups=2" else set())
     _, configs = runnable(info)
     assert configs and not any(set(c) & hidden_dims for c in configs)

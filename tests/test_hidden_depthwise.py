@@ -63,7 +63,7 @@ def test_declared_dimensions():
     info = layer_graph(model, 4).nodes["depthwise"]["info"]
     dims = {d.name: d for d in registered_rule(info).dimensions(info)}
     assert list(dims) == ["sample", "height", "width", "channel"]
-    assert all(d.native and d.implemented for d in dims.values())
+    assert all(d.runnable and d.by_keras_lwp for d in dims.values())
     assert dims["height"].halo == dims["width"].halo == 2
     spec = MeshSpec((("x", 2), ("y", 2), ("z", 2)))
     runnable = configurations(info, runnable_dims(list(dims.values())), spec)

@@ -19,7 +19,7 @@ from keras_lwp import Config, MeshSpec, Strategy
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import base, configurations, hidden_embedding, registered_rule, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.runtime import to_host
+from keras_lwp.placement import to_host
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
 VOCABULARY, WIDTH = 16, 8
@@ -114,8 +114,8 @@ def test_declared_dimensions_and_what_they_communicate():
     info = embedding_info(keras.layers.Embedding(VOCABULARY, WIDTH, name="embed"), (4, 6))
     rule = registered_rule(info)
     dims = {d.name: d for d in rule.dimensions(info)}
-    assert all(d.native for d in dims.values())
-    assert [n for n, d in dims.items() if d.implemented] == ["vocabulary"]
+    assert all(d.runnable for d in dims.values())
+    assert [n for n, d in dims.items() if d.by_keras_lwp] == ["vocabulary"]
     runnable = configurations(info, runnable_dims(list(dims.values())), SPEC)
     for config in CASES["sequence"][1]:
         assert Config(parse(config)) in runnable, config

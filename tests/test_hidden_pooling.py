@@ -24,7 +24,7 @@ from keras_lwp import Config, MeshSpec, Strategy
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import base, configurations, halo, hidden_pooling, registered_rule, runnable_dims
 from keras_lwp.mesh import mesh_spec_of
-from keras_lwp.runtime import to_host, to_mesh
+from keras_lwp.placement import to_host, to_mesh
 from tests.conftest import require_devices
 from tests import precision
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
@@ -213,9 +213,9 @@ def test_declared_runnable_configurations_include_the_tested_ones(class_name):
     for geometry, (size, kwargs, configs) in GEOMETRIES_2D.items():
         info = pool_info(layer_class(name="pool", **kwargs), (4, size, size, 4))
         dims = {d.name: d for d in registered_rule(info).dimensions(info)}
-        assert all(d.native for d in dims.values()), geometry
-        assert dims["sample"].implemented == class_name.startswith("Average")
-        assert all(dims[name].implemented for name in ("height", "width", "channel"))
+        assert all(d.runnable for d in dims.values()), geometry
+        assert dims["sample"].by_keras_lwp == class_name.startswith("Average")
+        assert all(dims[name].by_keras_lwp for name in ("height", "width", "channel"))
         runnable = configurations(info, runnable_dims(list(dims.values())), SPEC)
         for config in configs:
             assert Config(parse(config)) in runnable, (geometry, config)

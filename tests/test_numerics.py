@@ -14,7 +14,7 @@ import pytest
 
 import keras_lwp
 from keras_lwp.planner import random_strategy
-from keras_lwp.runtime import to_host
+from keras_lwp.placement import to_host
 from tests import models
 
 MESH = {"x": 4, "y": 2}

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_lwp
-from keras_lwp.runtime import to_host
+from keras_lwp.placement import to_host
 from tests import models
 from tests.conftest import require_devices
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from keras_lwp import placement
-from keras_lwp.runtime import to_host, to_mesh
+from keras_lwp.placement import to_host, to_mesh
 from tests.conftest import require_devices
 
 MESHES = {"1d": (("x", 8),), "2d": (("x", 4), ("y", 2)), "3d": (("x", 2), ("y", 2), ("z", 2))}

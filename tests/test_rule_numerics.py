@@ -33,7 +33,7 @@ import keras_lwp
 from keras_lwp import MeshSpec, Strategy
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, base, configurations, registered_rule, runnable_dims
-from keras_lwp.runtime import to_mesh
+from keras_lwp.placement import to_mesh
 from tests.conftest import require_devices
 from tests.test_hidden_conv import CONV_CLASSES
 
@@ -384,13 +384,13 @@ def test_input_layer_packs_batches(config):
     """InputLayer computes nothing; its configuration is the layout `fit` packs a batch with: every
     device must get its block of the batch."""
     require_devices(8)
-    from keras_lwp.runtime import _batch_to_mesh
+    from keras_lwp.fit_loop import batch_to_mesh
 
     model = _image_model()
     keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=Strategy({"image": config}, SPEC),
                           batch_size=N)
     x = np.random.default_rng(0).standard_normal(IMAGE, dtype="float32")
-    packed, _, _ = keras.utils.unpack_x_y_sample_weight(_batch_to_mesh(model, (x,)))
+    packed, _, _ = keras.utils.unpack_x_y_sample_weight(batch_to_mesh(model, (x,)))
     specs, blocks = _blocks(packed)
     assert list(specs) == [config.get(d, dtensor.UNSHARDED) for d in ("sample", "height", "width", "channel")]
     for index, block in blocks:

@@ -16,7 +16,7 @@ import pytest
 import keras_lwp
 from keras_lwp import MemoryLimitError, Strategy
 from keras_lwp.mesh import MeshSpec
-from keras_lwp.runtime import to_host
+from keras_lwp.placement import to_host
 from tests import plan_fuzz, precision
 
 MESH = {"x": 4, "y": 2}

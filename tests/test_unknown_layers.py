@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent('''
     import keras_lwp
     keras_lwp.use_virtual_devices(8)
     import keras, numpy as np, tensorflow as tf
-    from keras_lwp.runtime import to_host
+    from keras_lwp.placement import to_host
 
     class Scale(keras.layers.Layer):  # plain ops, no rule: runs replicated
         def build(self, shape):

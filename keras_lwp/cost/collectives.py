@@ -71,10 +71,6 @@ def axis_groups(mesh):
     return [tuple(sorted(group)) for r in range(1, len(names) + 1) for group in itertools.combinations(names, r)]
 
 
-def _split(layout, mesh):
-    return math.prod(mesh.axis_size(a) for a in layout if a is not None)
-
-
 def relayout_steps(src, dst):
     """The collectives a relayout from `src` to `dst` runs (tuples with one mesh axis or None per
     tensor axis): a list of (kind, axes, layout whose per-device block the step's bytes are). They
@@ -131,7 +127,7 @@ class CollectiveModel:
         for kind, axes, layout in relayout_steps(src, dst):
             fit = self.fit(kind, axes)
             if fit is not None:
-                seconds += fit.time(nbytes / _split(layout, self.mesh))
+                seconds += fit.time(nbytes / self.mesh.parts(layout))
         return seconds
 
     def to_dict(self):
@@ -158,7 +154,7 @@ def collective_cases(mesh):
     layout of a relayout. Shapes are [group size or 1, columns]; the columns set the message size."""
     cases = []
     for axes in axis_groups(mesh):
-        k = math.prod(mesh.axis_size(a) for a in axes)
+        k = mesh.parts(axes)
         # One tensor axis can carry one mesh axis, so a group of several axes is reduced/gathered
         # over as many tensor axes, each of its size.
         lead = tuple(mesh.axis_size(a) for a in axes)
@@ -177,18 +173,18 @@ def message_bytes(kind, shape, src, mesh):
         return nbytes / math.prod(shape[:-1])
     if kind == "allgather":
         return nbytes
-    return nbytes / _split(src, mesh)
+    return nbytes / mesh.parts(src)
 
 
 def measure_collectives(dmesh, mesh, sizes, timer, baseline=0.0, progress=None):
     """Time every collective of `collective_cases(mesh)` at each per-device message size in `sizes`
     (bytes) on the dtensor.Mesh `dmesh`, and fit each. `timer(fn, args)` returns seconds per call
-    (keras_lwp.cost.profiled.time_call), `baseline` the seconds of an empty call, subtracted;
+    (keras_lwp.cost.timing.time_call), `baseline` the seconds of an empty call, subtracted;
     `progress()` is called after each collective."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
-    from keras_lwp.runtime import dtensor_layout, to_mesh
+    from keras_lwp.placement import layout, to_mesh
 
     fits = {}
     for kind, axes, lead, src, operation in collective_cases(mesh):
@@ -206,8 +202,7 @@ def measure_collectives(dmesh, mesh, sizes, timer, baseline=0.0, progress=None):
                 reduce_axes = list(range(len(lead)))
                 fn = tf.function(lambda t, axes=reduce_axes: tf.reduce_sum(t, axis=axes))
             else:
-                layout = dtensor_layout(operation, dmesh)
-                fn = tf.function(lambda t, layout=layout: dtensor.relayout(t, layout))
+                fn = tf.function(lambda t, target=layout(operation, dmesh): dtensor.relayout(t, target))
             elapsed = timer(fn, (value,)) - baseline
             points.append(message_bytes(kind, shape, src, mesh))
             seconds.append(max(elapsed, 0.0))

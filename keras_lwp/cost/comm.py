@@ -67,7 +67,7 @@ def received_fraction(src, dst, mesh):
 
 def allreduce_time(nbytes, axes, mesh, profile):
     """Ring all-reduce of `nbytes` (per device) over the devices spanned by `axes`."""
-    k = math.prod(mesh.axis_size(a) for a in axes)
+    k = mesh.parts(axes)
     if k <= 1 or nbytes == 0:
         return 0.0
     link = profile.link_for_axes(mesh, axes)
@@ -84,7 +84,7 @@ def relayout_coefficients(src, dst, mesh, profile):
     moved_axes |= {b for a, b in zip(src, dst) if a != b} - {None}
     axes = tuple(sorted(moved_axes))
     link = profile.link_for_axes(mesh, axes)
-    peers = math.prod(mesh.axis_size(a) for a in axes)
+    peers = mesh.parts(axes)
     return fraction / link.bandwidth, (peers - 1) * link.latency
 
 

@@ -10,7 +10,6 @@ Transient buffers (a relayout's all-gather, a halo) live for one op and are left
 the state a step keeps alive, summed over the layers.
 """
 
-import math
 from dataclasses import dataclass
 
 # Adam, the most common optimizer with the most state: m and v per weight.
@@ -45,18 +44,14 @@ class Memory:
                 f"{self.activations / 2**20:.2f})")
 
 
-def _split_of(layout, mesh):
-    return math.prod(mesh.axis_size(a) for a in layout if a is not None)
-
-
 def layer_memory(place, mesh, optimizer_slots=OPTIMIZER_SLOTS):
     """Memory of one device for the layer a Placement places (keras_lwp.layers.Placement)."""
     weights = trainable = 0.0
     for index, weight in enumerate(place.info.weights):
-        shard = weight.nbytes / _split_of(place.weight_layout(index), mesh)
+        shard = weight.nbytes / mesh.parts(place.weight_layout(index))
         weights += shard
         if weight.trainable:
             trainable += shard
-    activations = sum(t.nbytes / _split_of(place.output_layout(t), mesh)
+    activations = sum(t.nbytes / mesh.parts(place.output_layout(t))
                       for call in place.info.calls for t in call.outputs)
     return Memory(weights, trainable, optimizer_slots * trainable, activations)

@@ -16,7 +16,6 @@
 `keras_lwp.cost.ProfiledCostModel` measures it on the mesh. `make_cost_model` builds either by name.
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from keras_lwp.cost.comm import allreduce_time, relayout_coefficients, relayout_time
 from keras_lwp.cost.devices import get_profile
 from keras_lwp.cost import volume
+from keras_lwp.cost.volume import is_float
 from keras_lwp.cost.memory import layer_memory
 from keras_lwp.layers.base import Placement
 
@@ -43,10 +43,6 @@ class LayerCost:
     @property
     def total(self):
         return self.compute + self.sync + self.transfer
-
-
-def _is_float(dtype):
-    return "float" in str(dtype)
 
 
 class CostModel:
@@ -117,11 +113,11 @@ class AnalyticCostModel(CostModel):
             io_bytes = sum(t.nbytes for t in call.inputs + call.outputs) / shards
             compute += self._roofline(flops, 3.0 * io_bytes)
             out = call.outputs[0]
-            out_shard = out.nbytes / self._split_of(place.output_layout(out))
+            out_shard = out.nbytes / self.mesh.parts(place.output_layout(out))
             transfer += allreduce_time(out_shard, place.output_partial_axes(), self.mesh, self.profile)
             for index, tensor in enumerate(call.inputs):
-                if _is_float(tensor.dtype):
-                    shard = tensor.nbytes / self._split_of(place.input_layout(index, tensor))
+                if is_float(tensor.dtype):
+                    shard = tensor.nbytes / self.mesh.parts(place.input_layout(index, tensor))
                     transfer += allreduce_time(shard, place.input_grad_partial_axes(index), self.mesh, self.profile)
             transfer += self._halo_time(place, call)
             transfer += self._stats_time(place, info)
@@ -130,18 +126,15 @@ class AnalyticCostModel(CostModel):
         # all-reduce combining does), so latency is paid once per group, not per weight.
         gradient_groups = {}
         for index, weight in enumerate(info.weights):
-            shard = weight.nbytes / self._split_of(place.weight_layout(index))
+            shard = weight.nbytes / self.mesh.parts(place.weight_layout(index))
             if weight.trainable:
                 axes = place.weight_grad_partial_axes(index)
-                gradient = weight.nbytes / self._split_of(place.weight_grad_layout(index))
+                gradient = weight.nbytes / self.mesh.parts(place.weight_grad_layout(index))
                 gradient_groups[axes] = gradient_groups.get(axes, 0.0) + gradient
                 sync += self._roofline(0.0, UPDATE_TRAFFIC * shard)
         for axes, nbytes in gradient_groups.items():
             sync += allreduce_time(nbytes, axes, self.mesh, self.profile)
         return LayerCost(compute, sync, transfer, layer_memory(place, self.mesh).total)
-
-    def _split_of(self, layout):
-        return math.prod(self.mesh.axis_size(a) for a in layout if a is not None)
 
     def halo_bytes(self, place, call):
         """Bytes one device receives per pass for the halos of its spatial splits."""
@@ -160,7 +153,7 @@ class AnalyticCostModel(CostModel):
         axes = place.stats_axes()
         if not axes:
             return 0.0
-        channels = info.output.shape[-1] / self._split_of(tuple(a for d, a in place.config.items() if d == "channel"))
+        channels = info.output.shape[-1] / self.mesh.parts(tuple(a for d, a in place.config.items() if d == "channel"))
         return 2 * allreduce_time(2 * 4 * channels, axes, self.mesh, self.profile)
 
     def _coefficients(self, src, dst):
@@ -176,7 +169,7 @@ class AnalyticCostModel(CostModel):
         forward = np.array([[self._coefficients(s, d) for d in dst_layouts] for s in src_layouts])
         forward = forward.reshape(len(src_layouts), len(dst_layouts), 2)
         table = forward[..., 0] * tensor.nbytes + forward[..., 1]
-        if _is_float(tensor.dtype):  # the gradient travels back
+        if is_float(tensor.dtype):  # the gradient travels back
             back = np.array([[self._coefficients(d, s) for d in dst_layouts] for s in src_layouts])
             back = back.reshape(len(src_layouts), len(dst_layouts), 2)
             table += back[..., 0] * tensor.nbytes + back[..., 1]
@@ -184,7 +177,7 @@ class AnalyticCostModel(CostModel):
 
     def transfer_cost(self, tensor, src_layout, dst_layout):
         seconds = relayout_time(tensor.nbytes, src_layout, dst_layout, self.mesh, self.profile)
-        if _is_float(tensor.dtype):  # the gradient travels back
+        if is_float(tensor.dtype):  # the gradient travels back
             seconds += relayout_time(tensor.nbytes, dst_layout, src_layout, self.mesh, self.profile)
         return seconds
 

@@ -29,79 +29,24 @@ kept on disk (keras_lwp.cost.cache), so a second plan of the same model is insta
 """
 
 import gc
-import math
 import os
-import time
 import warnings
 
 import numpy as np
 
-from keras_lwp import keras_internals
 from keras_lwp.config import Config
 from keras_lwp.cost.cache import ProfileCache, digest
 from keras_lwp.cost.collectives import CollectiveModel, measure_collectives
-from keras_lwp.cost.model import AnalyticCostModel, CostModel, LayerCost, _is_float
-from keras_lwp.layers.base import Placement
+from keras_lwp.cost.model import AnalyticCostModel, CostModel, LayerCost
+from keras_lwp.cost.timing import DEFAULT_OPTIMIZER, DeviceTimer, ProfileError, input_gradients, time_call
+from keras_lwp.cost.volume import is_float
+from keras_lwp.layers import Placement, dimensions_of, rule_for
 from keras_lwp.mesh import mesh_spec_of
 
 # Bump when what is measured, or how, changes: older cache entries are then ignored.
-PROFILER_VERSION = 8  # 8: random layers draw their masks whole (runtime._draws_as_one_device)
+PROFILER_VERSION = 8  # 8: random layers draw their masks whole (wrapping.draws_as_one_device)
 # Message sizes (bytes per device) the collectives are timed at.
 COLLECTIVE_SIZES = (16 * 2**10, 512 * 2**10, 4 * 2**20)
-DEFAULT_OPTIMIZER = "adam"
-
-
-# -- timing ----------------------------------------------------------------------------------------
-
-def block(outputs):
-    """Wait until every tensor in `outputs` (DTensors too) is computed: a DTensor step is dispatched
-    asynchronously. Reading each device's component is a view on CPU, not a copy."""
-    import tensorflow as tf
-    from tensorflow.experimental import dtensor
-
-    for tensor in tf.nest.flatten(outputs, expand_composites=True):
-        if tensor is None or not tf.is_tensor(tensor):
-            continue
-        if dtensor.is_dtensor(tensor):
-            for component in dtensor.unpack(tensor):
-                component.numpy()
-        else:
-            tensor.numpy()
-
-
-def steady(samples):
-    """The statistic kept of repeated timings: the fastest. Other work on the machine (other
-    processes on shared cores) can only make a round slower, so the fastest round is the best
-    estimate of what the layer costs on its own, and the least sensitive to that work coming and
-    going between the profile and the training it predicts."""
-    return min(samples)
-
-
-def time_call(fn, args=(), rounds=5, target=0.05, max_calls=50):
-    """Seconds per call of `fn(*args)`, dispatch and execution: one call to trace, one to warm up
-    and size the rounds, then `rounds` rounds of calls (each round lasting about `target` seconds);
-    `steady` of the rounds. A round averages several calls: the fastest of single calls of a
-    multi-threaded step was off by up to 30% (a transformer's attention layer measured 4% low on
-    one mesh and 30% high on the other, enough to reorder its plans). Every call is waited for
-    before the next: overlapping a call's execution with the next one's dispatch would hide a small
-    layer's work behind the Python overhead of calling it, which a training step pays once, not per
-    layer (the empty call's time, timed the same way, is subtracted). Slow functions (over 0.1 s a
-    call) get three rounds of one call."""
-    block(fn(*args))
-    start = time.perf_counter()
-    block(fn(*args))
-    once = time.perf_counter() - start
-    calls = int(min(max_calls, max(1, round(target / max(once, 1e-6)))))
-    if once > 0.1:
-        rounds = min(rounds, 3)
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            block(fn(*args))
-        samples.append((time.perf_counter() - start) / calls)
-    return steady(samples)
-
 
 # -- what identifies a measurement ------------------------------------------------------------------
 
@@ -113,7 +58,7 @@ def layer_signature(info):
         "class": info.class_name,
         "config": config,
         "calls": [[[[list(t.shape), t.dtype] for t in call.inputs], [[list(t.shape), t.dtype] for t in call.outputs],
-                   [bool(g) for g in _input_gradients(call)]] for call in info.calls],
+                   [bool(g) for g in input_gradients(call)]] for call in info.calls],
         "weights": [[w.name.rsplit("/", 1)[-1], list(w.shape), w.dtype, w.trainable] for w in info.weights],
     }
 
@@ -162,17 +107,6 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def _optimizer(spec):
-    """A fresh Keras optimizer like `spec` (an optimizer, a name, or None for Adam)."""
-    import keras
-
-    if spec is None:
-        spec = DEFAULT_OPTIMIZER
-    if isinstance(spec, str):
-        return keras.optimizers.get(spec)
-    return type(spec).from_config(spec.get_config())
-
-
 def optimizer_key(spec):
     """What an update's time depends on: the optimizer's class and settings (not its learning rate)."""
     if spec is None:
@@ -181,10 +115,6 @@ def optimizer_key(spec):
         return spec.lower()
     config = {k: v for k, v in spec.get_config().items() if k not in ("name", "learning_rate")}
     return [type(spec).__name__, config]
-
-
-class ProfileError(Exception):
-    """A layer configuration could not be run on its own (the analytic estimate is used instead)."""
 
 
 # -- the cost model ----------------------------------------------------------------------------------
@@ -220,13 +150,12 @@ class ProfiledCostModel(CostModel):
         self.rounds = rounds
         self._analytic = AnalyticCostModel(self.mesh)
         self._cache = None
-        self._dmesh = None
+        self._timer = None
         self._collectives = None
         self._overhead = None
         self._siblings = {self.mesh: self}
         self._measured = {}    # layer key -> seconds (None: not runnable, analytic instead)
         self._updates = {}     # update key -> seconds
-        self._baselines = {}   # number of arguments -> seconds of an empty call
         self._warned = set()
 
     def __repr__(self):
@@ -249,12 +178,13 @@ class ProfiledCostModel(CostModel):
         return self._cache
 
     @property
-    def dmesh(self):
-        if self._dmesh is None:
+    def timer(self):
+        """The DeviceTimer of this mesh's devices (keras_lwp.cost.timing), made on first use."""
+        if self._timer is None:
             from keras_lwp.mesh import make_mesh
 
-            self._dmesh = make_mesh(self.mesh, device_type=self.mesh.device_type)
-        return self._dmesh
+            self._timer = DeviceTimer(make_mesh(self.mesh, device_type=self.mesh.device_type), self.rounds)
+        return self._timer
 
     def _mesh_key(self):
         return [list(map(list, self.mesh.axes)), self.mesh.device_type]
@@ -312,7 +242,7 @@ class ProfiledCostModel(CostModel):
         allreduce = 0.0
         for index, weight in enumerate(info.weights):
             if weight.trainable:
-                shard = weight.nbytes / _split(place.weight_layout(index), self.mesh)
+                shard = weight.nbytes / self.mesh.parts(place.weight_layout(index))
                 allreduce += self.collectives.allreduce_time(shard, place.weight_grad_partial_axes(index))
         # DTensor all-reduced the gradients inside the measured backward pass: split the measured time
         # into the all-reduce the fitted collectives predict (at most all of it) and the rest.
@@ -322,7 +252,7 @@ class ProfiledCostModel(CostModel):
 
     def transfer_table(self, tensor, src_layouts, dst_layouts):
         table = np.empty((len(src_layouts), len(dst_layouts)))
-        backward = _is_float(tensor.dtype)
+        backward = is_float(tensor.dtype)
         for i, src in enumerate(src_layouts):
             for j, dst in enumerate(dst_layouts):
                 table[i, j] = self._relayout(tensor.nbytes, src, dst)
@@ -376,27 +306,14 @@ class ProfiledCostModel(CostModel):
         return digest(["collectives", self._mesh_key(), COLLECTIVE_SIZES])
 
     def _measure_collectives(self, bar):
-        model = measure_collectives(self.dmesh, self.mesh, COLLECTIVE_SIZES,
-                                    lambda fn, args: time_call(fn, args, self.rounds), self._baseline(1),
+        model = measure_collectives(self.timer.dmesh, self.mesh, COLLECTIVE_SIZES,
+                                    lambda fn, args: time_call(fn, args, self.rounds), self.timer.baseline(1),
                                     lambda: bar.add(1))
         self.cache.put("collectives", self._collectives_key(), model.to_dict())
         return model
 
     def _overhead_key(self):
         return digest(["overhead", self.mesh.size, self.mesh.device_type, optimizer_key(self.optimizer)])
-
-    def _baseline(self, count):
-        """Seconds of a call to a tf.function that returns its `count` mesh arguments untouched."""
-        if count not in self._baselines:
-            import tensorflow as tf
-
-            from keras_lwp.runtime import to_mesh
-
-            # One op per argument, so the function runs on every device like the layer's does.
-            args = [to_mesh(np.zeros((self.mesh.size,), "float32"), (None,), self.dmesh) for _ in range(count)]
-            empty = tf.function(lambda *xs: [tf.identity(x) for x in xs])
-            self._baselines[count] = time_call(empty, args, max(self.rounds, 7))
-        return self._baselines[count]
 
     def _layer_seconds(self, info, dims, config, key=None):
         """Measured seconds of the layer's forward + backward under `config`; None when it cannot run
@@ -426,90 +343,18 @@ class ProfiledCostModel(CostModel):
 
     def _measure_layer(self, info, dims, config):
         by_name = {d.name: d for d in dims}
-        if any(not by_name[d].native for d in config):
+        if any(not by_name[d].runnable for d in config):
             raise ProfileError("the configuration splits a dimension keras_lwp does not run")
         place = Placement(info, dims, config, self.mesh)
         if info.class_name == "InputLayer":
-            return self._measure_input(info, place)
+            return self.timer.batch_packing(info, place)
         try:
-            seconds, count = self._time_layer(info, place)
+            return self.timer.layer(info, place)
         except ProfileError:
             raise
         except Exception as error:  # noqa: BLE001 (any failure to build or run: say which, fall back)
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ProfileError(f"{type(error).__name__}: {first_line}") from error
-        finally:
-            _collect_if_large(info, self.mesh)  # the layer's copy, on every device
-        return max(seconds - self._baseline(count), 0.0)
-
-    def _time_layer(self, info, place):
-        """(seconds per call of the layer's forward + backward, number of mesh arguments)."""
-        import tensorflow as tf
-
-        step, args = self._layer_step(info, place)
-        return time_call(step, args, self.rounds), len(tf.nest.flatten(args))
-
-    def _measure_input(self, info, place):
-        """A batch packed onto the mesh in the input's layout (fit does it every step)."""
-        import tensorflow as tf
-
-        from keras_lwp.runtime import to_mesh
-
-        value = tf.constant(_host_value(info.output, info))
-        layout = place.output_layout(info.output)
-        return time_call(lambda: to_mesh(value, layout, self.dmesh), (), self.rounds)
-
-    def _layer_step(self, info, place):
-        """A tf.function running the layer forward and backward under `place` as `parallelize` runs
-        it, and its mesh arguments."""
-        import keras
-        import tensorflow as tf
-
-        from keras_lwp.runtime import _wrap_call, layer_to_mesh, to_mesh
-
-        if any(call.node is None for call in info.calls) or info.layer is None:
-            raise ProfileError("the layer graph does not say how the model calls it")
-        try:
-            clone = type(info.layer).from_config(info.layer.get_config())
-        except Exception as error:  # noqa: BLE001
-            raise ProfileError(f"the layer cannot be rebuilt from its config ({error})") from error
-        call = info.calls[0]
-        symbolic = {id(t): keras.KerasTensor(i.shape, i.dtype) for t, i in zip(call.node.input_tensors, call.inputs)}
-        args, kwargs = keras_internals.call_arguments(call.node, symbolic)
-        clone(*args, **kwargs)  # builds the weights
-        if len(clone.weights) != len(info.weights):
-            raise ProfileError("the rebuilt layer has different weights")
-        layer_to_mesh(clone, place, self.dmesh)
-        _wrap_call(clone, place, self.dmesh)
-        training = "training" in getattr(clone, "_call_context_args", ())
-        inputs = [[to_mesh(_host_value(t, info), place.input_layout(i, t), self.dmesh) for i, t in enumerate(c.inputs)]
-                  for c in info.calls]
-        grads = [[to_mesh(_host_value(t, info), place.output_layout(t), self.dmesh) for t in c.outputs if _is_float(t.dtype)]
-                 for c in info.calls]
-        calls = info.calls
-
-        @tf.function
-        def step(inputs, grads):
-            results = []
-            for c, xs, dys in zip(calls, inputs, grads):
-                # Only the inputs training differentiates (not the model's own inputs).
-                floats = [x for x, needed in zip(xs, _input_gradients(c)) if needed]
-                with tf.GradientTape() as tape:
-                    for x in floats:
-                        tape.watch(x)
-                    a, k = keras_internals.call_arguments(c.node, {id(t): x for t, x in zip(c.node.input_tensors, xs)})
-                    if training:
-                        k = dict(k, training=True)
-                    out = clone(*a, **k)
-                outs = [o for o, t in zip(keras.tree.flatten(out), c.outputs) if _is_float(t.dtype)]
-                sources = floats + list(clone.trainable_variables)
-                gradients = tape.gradient(outs, sources, output_gradients=dys) if outs and sources else []
-                results.extend(g for g in gradients if g is not None)
-                if not results:
-                    results.extend(keras.tree.flatten(out))
-            return results
-
-        return step, (inputs, grads)
 
     def _update_seconds(self, info, place, key=None):
         """Measured seconds of the optimizer's update of the layer's trainable weights in their layouts."""
@@ -520,96 +365,23 @@ class ProfiledCostModel(CostModel):
             return self._updates[key]
         found = self.cache.get("updates", key)
         if found is None:
-            found = self._measure_update(info, place)
+            found = self.timer.update(info, place, self.optimizer)
             self.cache.put("updates", key, found)
         self._updates[key] = found
         return found
 
-    def _measure_update(self, info, place):
-        seconds = self._time_update(info, place)
-        _collect_if_large(info, self.mesh)  # the variables and slots just made, on every device
-        return max(seconds, 0.0)
-
-    def _time_update(self, info, place):
-        import keras
-        import tensorflow as tf
-
-        from keras_lwp.runtime import _host_slots, _variable_to_mesh, spec_of, to_mesh
-
-        weights = [(w, place.weight_layout(i)) for i, w in enumerate(info.weights) if w.trainable]
-        variables = []
-        for weight, layout in weights:
-            variable = keras.Variable(np.zeros(weight.shape, weight.dtype), dtype=weight.dtype,
-                                      name=weight.name.rsplit("/", 1)[-1])
-            _variable_to_mesh(variable, layout, self.dmesh)
-            variables.append(variable)
-        optimizer = _optimizer(self.optimizer)
-        _host_slots(optimizer)
-        optimizer.build(variables)
-        for variable in optimizer.variables:
-            layout = getattr(variable, "_layout", None)
-            _variable_to_mesh(variable, spec_of(layout) if layout is not None else (None,) * len(variable.shape),
-                              self.dmesh)
-        gradients = [to_mesh(np.full(w.shape, 1e-3, w.dtype), layout, self.dmesh) for w, layout in weights]
-
-        # The optimizer's own update of each weight. Not `optimizer.apply`: run inside a tf.function
-        # through tf.distribute's default strategy, it kept every variable it updated alive after
-        # the function and the optimizer were gone (1 GB per AlexNet-sized layer).
-        @tf.function
-        def update(gradients):
-            for gradient, variable in zip(gradients, variables):
-                optimizer.update_step(gradient, variable, tf.cast(optimizer.learning_rate, variable.dtype))
-            optimizer.iterations.assign_add(1)
-            # Not the weights: a read of them still held at the next update would make that update
-            # copy every weight first (copy-on-write), which a training step does not do.
-            return optimizer.iterations.value
-
-        return time_call(update, (gradients,), self.rounds) - self._baseline(len(gradients))
-
     def _measure_overhead(self):
-        """Seconds per `fit` step of a one-Dense model, data parallel, less its own layer costs."""
-        import keras
-
-        from keras_lwp.graph import layer_graph
-        from keras_lwp.layers import dimensions_of, rule_for
-        from keras_lwp.mesh import make_mesh
-        from keras_lwp.runtime import parallelize
-
+        """Seconds per `fit` step of a one-Dense model, data parallel on the flattened mesh, less its
+        own layer costs."""
         flat = self.mesh.flattened()
         sibling = self.for_mesh(flat)
         (axis, _), = flat.axes
-        batch, steps, epochs = 4 * flat.size, 10, 5
-        inputs = keras.Input((1,), name="keras_lwp_probe_input")
-        tiny = keras.Model(inputs, keras.layers.Dense(2, name="keras_lwp_probe_dense")(inputs))
-        graph = layer_graph(tiny, batch)
-        parallelize(tiny, make_mesh(flat, device_type=flat.device_type), strategy="data", batch_size=batch,
-                    cost_model="analytic")
-        tiny.compile(_optimizer(self.optimizer), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        x = np.zeros((batch * steps, 1), "float32")
-        y = np.zeros((batch * steps,), "int32")
-
-        class EpochTimer(keras.callbacks.Callback):
-            """From the first step's start (after fit made the epoch's data iterator) to the epoch's
-            end (after fit read the last step's results)."""
-
-            def on_train_batch_begin(self, batch, logs=None):
-                if batch == 0:
-                    self.start = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                seconds.append((time.perf_counter() - self.start) / steps)
-
-        seconds = []
-        # Arrays, as most fit calls get; one call, the first epoch traces and warms up. The timer leaves
-        # out making and dropping the epoch's data iterator (a cost per epoch, not per step).
-        tiny.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[EpochTimer()])
-        seconds = seconds[1:]
+        seconds, graph = sibling.timer.fit_step(self.optimizer, batch=4 * flat.size)
         layers = 0.0
         for name in graph:
             info = graph.nodes[name]["info"]
-            cost = sibling.layer_cost(info, rule_for(info), dimensions_of(info), Config({"sample": axis}))
-            layers += cost.total
-        return max(steady(seconds) - layers, 0.0)
+            layers += sibling.layer_cost(info, rule_for(info), dimensions_of(info), Config({"sample": axis})).total
+        return max(seconds - layers, 0.0)
 
 
 def _collective_count(mesh):
@@ -618,34 +390,4 @@ def _collective_count(mesh):
     return {(kind, axes) for kind, axes, *_ in collective_cases(mesh)}
 
 
-def _input_gradients(call):
-    """Per input of a call, whether training computes its gradient (float inputs with trainable
-    weights upstream; every float input when the graph did not say)."""
-    floats = [_is_float(t.dtype) for t in call.inputs]
-    if len(call.input_gradients) != len(floats):
-        return floats
-    return [f and bool(g) for f, g in zip(floats, call.input_gradients)]
-
-
-def _collect_if_large(info, mesh):
-    """Free a measured layer's copies now when they are large: Keras layers and optimizers hold
-    reference cycles, so their DVariables (the weights on every device) otherwise wait for the
-    garbage collector, and a training step slows down while gigabytes of them linger."""
-    if sum(w.nbytes for w in info.weights) * mesh.size > 64 * 2**20:
-        gc.collect()
-
-
-def _split(layout, mesh):
-    return math.prod(mesh.axis_size(a) for a in layout if a is not None)
-
-
-def _host_value(tensor, info):
-    """Data of a tensor's shape and dtype: normal floats, integer ids valid for an Embedding."""
-    rng = np.random.default_rng(0)
-    if _is_float(tensor.dtype):
-        return rng.standard_normal(tensor.shape).astype(tensor.dtype)
-    high = int(info.config.get("input_dim", 2)) if info.class_name == "Embedding" else 2
-    return rng.integers(0, high, tensor.shape).astype(tensor.dtype)
-
-
-__all__ = ["ProfiledCostModel", "block", "layer_signature", "machine_context", "time_call"]
+__all__ = ["ProfiledCostModel", "layer_signature", "machine_context", "optimizer_key"]

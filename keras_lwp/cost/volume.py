@@ -10,24 +10,15 @@ layouts only, so every cost model shares it:
 - a spatial split receives its halo rows from the other blocks, forward and backward.
 """
 
-import math
 
 import numpy as np
 
 from keras_lwp.cost.comm import received_per_device
 
 
-def _split_of(layout, mesh):
-    return math.prod(mesh.axis_size(a) for a in layout if a is not None)
-
-
-def _group(axes, mesh):
-    return math.prod(mesh.axis_size(a) for a in axes)
-
-
 def allreduce_bytes(shard_bytes, axes, mesh):
     """Bytes a ring all-reduce of `shard_bytes` per device over `axes` sends, over the whole mesh."""
-    k = _group(axes, mesh)
+    k = mesh.parts(axes)
     return 0.0 if k <= 1 else mesh.size * 2.0 * (k - 1) / k * shard_bytes
 
 
@@ -51,13 +42,14 @@ def halo_bytes(place, call, mesh):
         if axis not in layout:
             continue
         position = layout.index(axis)
-        others = _split_of(layout, mesh) / mesh.axis_size(axis)
+        others = mesh.parts(layout) / mesh.axis_size(axis)
         parts = mesh.axis_size(axis)
         total += (parts - 1) * dim.halo * x.nbytes / x.shape[position] / others
     return total
 
 
-def _is_float(dtype):
+def is_float(dtype):
+    """Whether a tensor of `dtype` carries a gradient back (integer ids do not)."""
     return "float" in str(dtype)
 
 
@@ -69,20 +61,20 @@ def layer_bytes(place, mesh):
     total = 0.0
     for call in info.calls:
         for out in call.outputs:
-            total += allreduce_bytes(out.nbytes / _split_of(place.output_layout(out), mesh),
+            total += allreduce_bytes(out.nbytes / mesh.parts(place.output_layout(out)),
                                      place.output_partial_axes(), mesh)
         for index, tensor in enumerate(call.inputs):
-            if _is_float(tensor.dtype):
-                total += allreduce_bytes(tensor.nbytes / _split_of(place.input_layout(index, tensor), mesh),
+            if is_float(tensor.dtype):
+                total += allreduce_bytes(tensor.nbytes / mesh.parts(place.input_layout(index, tensor)),
                                          place.input_grad_partial_axes(index), mesh)
         total += 2 * mesh.size * halo_bytes(place, call, mesh)
         if place.stats_axes():
-            channels = info.output.shape[-1] / _split_of(
-                tuple(a for d, a in place.config.items() if d == "channel"), mesh)
+            channels = info.output.shape[-1] / mesh.parts(
+                tuple(a for d, a in place.config.items() if d == "channel"))
             total += 2 * allreduce_bytes(2 * 4 * channels, place.stats_axes(), mesh)
     for index, weight in enumerate(info.weights):
         if weight.trainable:
-            total += allreduce_bytes(weight.nbytes / _split_of(place.weight_layout(index), mesh),
+            total += allreduce_bytes(weight.nbytes / mesh.parts(place.weight_layout(index)),
                                      place.weight_grad_partial_axes(index), mesh)
     return total
 
@@ -90,4 +82,4 @@ def layer_bytes(place, mesh):
 def edge_bytes(tensor, src, dst, mesh):
     """Bytes a relayout on an edge moves per step: the tensor forward and, for floats, its gradient back."""
     forward = relayout_total_bytes(tensor.nbytes, src, dst, mesh)
-    return forward + (relayout_total_bytes(tensor.nbytes, dst, src, mesh) if _is_float(tensor.dtype) else 0.0)
+    return forward + (relayout_total_bytes(tensor.nbytes, dst, src, mesh) if is_float(tensor.dtype) else 0.0)

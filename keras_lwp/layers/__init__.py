@@ -8,6 +8,9 @@ from keras_lwp.layers import einsum_dense  # noqa: F401  (EinsumDense's column- 
 from keras_lwp.layers import hidden_depthwise  # noqa: F401  (DepthwiseConv's sample, channel, spatial splits)
 from keras_lwp.layers import recurrent  # noqa: F401  (RNNs: sample split, run unrolled)
 from keras_lwp.layers.base import (
+    COSTED,
+    DTENSOR,
+    KERAS_LWP,
     DimSpec,
     LayerRule,
     Placement,
@@ -24,6 +27,6 @@ from keras_lwp.layers.base import (
 )
 
 __all__ = [
-    "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations", "dimensions_of",
+    "COSTED", "DTENSOR", "KERAS_LWP", "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations", "dimensions_of",
     "has_rule", "has_rule_for", "register_rule", "registered_rule", "rule_for", "runnable_dims",
 ]

@@ -23,9 +23,15 @@ from dataclasses import dataclass
 from keras_lwp.config import REPLICATED, Config
 
 
-@dataclass(frozen=True)
+# Who runs a split of a dimension (DimSpec.runs).
+DTENSOR = "dtensor"      # TensorFlow DTensor shards the layer's own call
+KERAS_LWP = "keras_lwp"  # the rule's `implementation` computes it from ops DTensor shards
+COSTED = "costed"        # nothing runs it yet: costed, and searched only in the full space
+
+
+@dataclass(frozen=True, kw_only=True)
 class DimSpec:
-    """One parallelizable dimension of a layer.
+    """One parallelizable dimension of a layer (built by keywords).
 
     Args:
         name: "sample", "channel", "height", ... (see keras_lwp.config.DIMENSION_ORDER).
@@ -37,11 +43,9 @@ class DimSpec:
             partial sum over it: gradient synchronization).
         halo: elements of neighbouring data a split needs at each block edge (convolution windows).
         stats: the layer reduces statistics over this dimension (BatchNormalization).
-        native: the split runs: TensorFlow DTensor runs it by itself, or the rule's `implementation`
-            does. Splits nothing runs yet are costed and searched only in the full space.
-        implemented: the split runs through the rule's `implementation` (ops DTensor shards) rather
-            than the layer's own kernel. "auto" picks such splits only with hidden_dimensions=True;
-            overrides and explicit strategies may always use them.
+        runs: who runs a split of it: DTENSOR (the layer's own call, sharded by DTensor), KERAS_LWP
+            (the rule's `implementation`: "auto" picks such splits only with hidden_dimensions=True;
+            overrides and explicit strategies may always use them) or COSTED (nothing runs it yet).
         whole_gradient: the weights split along this dimension get their gradient whole along it (an
             IndexedSlices over the whole weight, which the optimizer densifies), so its synchronization
             carries the unsplit extent (Embedding's vocabulary split).
@@ -54,9 +58,23 @@ class DimSpec:
     weights: tuple
     halo: int = 0
     stats: bool = False
-    native: bool = True
-    implemented: bool = False
+    runs: str = DTENSOR
     whole_gradient: bool = False
+
+    def __post_init__(self):
+        if self.runs not in (DTENSOR, KERAS_LWP, COSTED):
+            raise ValueError(f"DimSpec {self.name!r}: runs={self.runs!r}; use DTENSOR, KERAS_LWP or COSTED "
+                             "(keras_lwp.layers.base).")
+
+    @property
+    def runnable(self):
+        """A split of it runs (DTensor shards the layer's call, or the rule's implementation computes it)."""
+        return self.runs != COSTED
+
+    @property
+    def by_keras_lwp(self):
+        """A split of it runs through the rule's implementation rather than the layer's own call."""
+        return self.runs == KERAS_LWP
 
 
 class LayerRule:
@@ -76,6 +94,20 @@ class LayerRule:
         `(layer, placement, mesh, *call_args, **call_kwargs) -> outputs` built from ops DTensor does
         shard, or None to run the layer's call (DTensor propagates the layouts)."""
         return None
+
+
+def unsupported_split(info, dims, details, computes):
+    """The error of an implementation asked for a split it does not compute: names the layer, what
+    about it decides (`details`), the dimensions and what keras_lwp computes instead."""
+    return ValueError(
+        f"Layer '{info.name}' ({info.class_name}, {details}) cannot be split along {', '.join(dims)} on DTensor: "
+        f"keras_lwp computes {computes}. Plan it within the runnable space.")
+
+
+def no_extra_arguments(layer, args, kwargs):
+    """Implementations take the layer's inputs only: anything else would be silently ignored."""
+    if args or kwargs:
+        raise TypeError(f"Layer '{layer.name}': unexpected call arguments {args} {kwargs}")
 
 
 _RULES = {}
@@ -266,7 +298,7 @@ def check_dims(info, dims, config, mesh):
 
 def runnable_dims(dims):
     """The dimensions keras_lwp can run on DTensor today."""
-    return [d for d in dims if d.native]
+    return [d for d in dims if d.runnable]
 
 
 def configurations(info, dims, mesh):

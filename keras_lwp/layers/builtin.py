@@ -11,14 +11,15 @@
 | reshape, flatten, global pool  | sample (and channel where it survives)            |
 """
 
+import dataclasses
 import math
 
-from keras_lwp.layers.base import DimSpec, LayerRule, register_rule
+from keras_lwp.layers.base import COSTED, DimSpec, LayerRule, register_rule
 
 SPATIAL_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
-def _weight_axes(info, mapping):
+def weight_axes(info, mapping):
     """Per weight, the axis given by `mapping` for the first suffix that matches its path."""
     axes = []
     for weight in info.weights:
@@ -67,8 +68,9 @@ class ElementwiseRule(LayerRule):
         rank = len(out.shape)
         skip = {a % rank for a in self.skip(info)}
         return [
-            DimSpec(name, out.shape[axis], axis, _forward_backward_inputs(info.calls[0], rank, axis),
-                    tuple(None for _ in info.weights))
+            DimSpec(name=name, size=out.shape[axis], output=axis,
+                    inputs=_forward_backward_inputs(info.calls[0], rank, axis),
+                    weights=tuple(None for _ in info.weights))
             for name, axis in positional_dims(out.shape, skip)
         ]
 
@@ -114,11 +116,12 @@ class BatchNormalizationRule(LayerRule):
         dims = []
         for name, position in positional_dims(out.shape):
             if position == channel_axis:
-                dims.append(DimSpec("channel", out.shape[position], position, (position,),
-                                    tuple(0 for _ in info.weights)))
+                dims.append(DimSpec(name="channel", size=out.shape[position], output=position, inputs=(position,),
+                                    weights=tuple(0 for _ in info.weights)))
             else:
-                dims.append(DimSpec(name if name != "channel" else "axis%d" % position, out.shape[position],
-                                    position, (position,), tuple(None for _ in info.weights), stats=True))
+                dims.append(DimSpec(name=name if name != "channel" else "axis%d" % position, size=out.shape[position],
+                                    output=position, inputs=(position,), weights=tuple(None for _ in info.weights),
+                                    stats=True))
         return dims
 
     def forward_flops(self, info, call):
@@ -133,13 +136,13 @@ class DenseRule(LayerRule):
         x, y = info.inputs[0], info.output
         rank = len(y.shape)
         none = tuple(None for _ in info.weights)
-        dims = [DimSpec("sample", y.shape[0], 0, (0,), none)]
+        dims = [DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,), weights=none)]
         if rank == 3:
-            dims.append(DimSpec("length", y.shape[1], 1, (1,), none))
-        dims.append(DimSpec("channel", y.shape[-1], rank - 1, (None,),
-                            _weight_axes(info, {"kernel": 1, "bias": 0})))
-        dims.append(DimSpec("reduction", x.shape[-1], None, (len(x.shape) - 1,),
-                            _weight_axes(info, {"kernel": 0})))
+            dims.append(DimSpec(name="length", size=y.shape[1], output=1, inputs=(1,), weights=none))
+        dims.append(DimSpec(name="channel", size=y.shape[-1], output=rank - 1, inputs=(None,),
+                            weights=weight_axes(info, {"kernel": 1, "bias": 0})))
+        dims.append(DimSpec(name="reduction", size=x.shape[-1], output=None, inputs=(len(x.shape) - 1,),
+                            weights=weight_axes(info, {"kernel": 0})))
         return dims
 
     def forward_flops(self, info, call):
@@ -151,7 +154,8 @@ class EinsumDenseRule(LayerRule):
 
     def dimensions(self, info):
         y = info.output
-        return [DimSpec("sample", y.shape[0], 0, (0,), tuple(None for _ in info.weights))]
+        return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,),
+                        weights=tuple(None for _ in info.weights))]
 
     def forward_flops(self, info, call):
         kernel = next((w for w in info.weights if w.name.endswith("kernel")), None)
@@ -173,20 +177,27 @@ class _WindowRule(LayerRule):
         rank = len(out.shape)
         none = tuple(None for _ in info.weights)
         if info.config.get("data_format", "channels_last") != "channels_last":
-            return [DimSpec("sample", out.shape[0], 0, (0,), none)]
-        dims = [DimSpec("sample", out.shape[0], 0, (0,), none)]
+            return [DimSpec(name="sample", size=out.shape[0], output=0, inputs=(0,), weights=none)]
+        dims = [DimSpec(name="sample", size=out.shape[0], output=0, inputs=(0,), weights=none)]
         kernel, strides, dilation = self.window(info)
         for i, name in enumerate(SPATIAL_NAMES[rank - 2]):
             extent = (kernel[i] - 1) * dilation[i] + 1
             halo = max(0, extent - strides[i])
             if x.shape[1 + i] % max(1, strides[i]) == 0:
-                dims.append(DimSpec(name, out.shape[1 + i], 1 + i, (1 + i,), none, halo=halo, native=False))
+                dims.append(DimSpec(name=name, size=out.shape[1 + i], output=1 + i, inputs=(1 + i,), weights=none,
+                                    halo=halo, runs=COSTED))
         dims.extend(self.channel_dims(info, rank))
         return dims
 
 
-def _tuple(value, rank):
+def as_tuple(value, rank):
+    """A window setting (kernel_size, strides, ...) as one value per spatial dimension."""
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
+
+
+def padding_of(info):
+    """A windowed layer's padding, lower case ('valid' when its config has none)."""
+    return str(info.config.get("padding", "valid")).lower()
 
 
 class ConvRule(_WindowRule):
@@ -194,14 +205,14 @@ class ConvRule(_WindowRule):
 
     def window(self, info):
         rank = len(info.output.shape) - 2
-        return (_tuple(info.config["kernel_size"], rank), _tuple(info.config["strides"], rank),
-                _tuple(info.config.get("dilation_rate", 1), rank))
+        return (as_tuple(info.config["kernel_size"], rank), as_tuple(info.config["strides"], rank),
+                as_tuple(info.config.get("dilation_rate", 1), rank))
 
     def channel_dims(self, info, rank):
         if info.config.get("groups", 1) != 1:
             return []
-        return [DimSpec("channel", info.output.shape[-1], rank - 1, (None,),
-                        _weight_axes(info, {"kernel": -1, "bias": 0}), native=False)]
+        return [DimSpec(name="channel", size=info.output.shape[-1], output=rank - 1, inputs=(None,),
+                        weights=weight_axes(info, {"kernel": -1, "bias": 0}), runs=COSTED)]
 
     def forward_flops(self, info, call):
         kernel = next(w for w in info.weights if w.name.endswith("kernel"))
@@ -216,17 +227,18 @@ class PoolRule(_WindowRule):
         if info.class_name.startswith("Average"):
             # AvgPoolGrad has no DTensor layout rule; run "replicated" on a batch-split gradient it
             # trained InceptionV3's pooled branches wrong (kernels off by 7e-2). Costed, not run.
-            dims = [DimSpec(d.name, d.size, d.output, d.inputs, d.weights, d.halo, d.stats, False) for d in dims]
+            dims = [dataclasses.replace(d, runs=COSTED) for d in dims]
         return dims
 
     def window(self, info):
         rank = len(info.output.shape) - 2
-        pool = _tuple(info.config["pool_size"], rank)
+        pool = as_tuple(info.config["pool_size"], rank)
         strides = info.config.get("strides") or pool
-        return pool, _tuple(strides, rank), (1,) * rank
+        return pool, as_tuple(strides, rank), (1,) * rank
 
     def channel_dims(self, info, rank):
-        return [DimSpec("channel", info.output.shape[-1], rank - 1, (rank - 1,), (), native=False)]
+        return [DimSpec(name="channel", size=info.output.shape[-1], output=rank - 1, inputs=(rank - 1,), weights=(),
+                        runs=COSTED)]
 
     def forward_flops(self, info, call):
         pool, _, _ = self.window(info)
@@ -242,7 +254,8 @@ class SampleOnlyConvRule(ConvRule):
 
     def dimensions(self, info):
         y = info.output
-        return [DimSpec("sample", y.shape[0], 0, (0,), tuple(None for _ in info.weights), native=False)]
+        return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,),
+                        weights=tuple(None for _ in info.weights), runs=COSTED)]
 
     def forward_flops(self, info, call):
         kernels = sum(math.prod(w.shape) for w in info.weights if "kernel" in w.name)
@@ -256,7 +269,7 @@ class SampleOnlyRule(LayerRule):
 
     def dimensions(self, info):
         y = info.output
-        return [DimSpec("sample", y.shape[0], 0, tuple(0 for _ in info.inputs), ())]
+        return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=tuple(0 for _ in info.inputs), weights=())]
 
     def forward_flops(self, info, call):
         return 0.0
@@ -270,9 +283,10 @@ class SampleChannelRule(LayerRule):
     def dimensions(self, info):
         y, x = info.output, info.inputs[0]
         if info.config.get("data_format", "channels_last") != "channels_last":
-            return [DimSpec("sample", y.shape[0], 0, (0,), ())]
-        return [DimSpec("sample", y.shape[0], 0, (0,), ()),
-                DimSpec("channel", y.shape[-1], len(y.shape) - 1, (len(x.shape) - 1,), ())]
+            return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,), weights=())]
+        return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,), weights=()),
+                DimSpec(name="channel", size=y.shape[-1], output=len(y.shape) - 1, inputs=(len(x.shape) - 1,),
+                        weights=())]
 
     def forward_flops(self, info, call):
         return float(math.prod(call.inputs[0].shape))
@@ -284,11 +298,13 @@ class EmbeddingRule(LayerRule):
     def dimensions(self, info):
         y = info.output
         rank = len(y.shape)
-        dims = [DimSpec("sample", y.shape[0], 0, (0,), (None,))]
+        dims = [DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,), weights=(None,))]
         if rank == 3:
-            dims.append(DimSpec("length", y.shape[1], 1, (1,), (None,)))
-        dims.append(DimSpec("channel", y.shape[-1], rank - 1, (None,), (1,), native=False))
-        dims.append(DimSpec("vocabulary", info.weights[0].shape[0], None, (None,), (0,), native=False))
+            dims.append(DimSpec(name="length", size=y.shape[1], output=1, inputs=(1,), weights=(None,)))
+        dims.append(DimSpec(name="channel", size=y.shape[-1], output=rank - 1, inputs=(None,), weights=(1,),
+                            runs=COSTED))
+        dims.append(DimSpec(name="vocabulary", size=info.weights[0].shape[0], output=None, inputs=(None,),
+                            weights=(0,), runs=COSTED))
         return dims
 
     def forward_flops(self, info, call):
@@ -304,15 +320,17 @@ class MultiHeadAttentionRule(LayerRule):
         y = info.output
         query_rank = len(info.inputs[0].shape)
         inputs = len(info.inputs)
-        heads = _weight_axes(info, {
+        heads = weight_axes(info, {
             "query/kernel": 1, "key/kernel": 1, "value/kernel": 1,
             "query/bias": 0, "key/bias": 0, "value/bias": 0, "attention_output/kernel": 0,
         })
         none = tuple(None for _ in info.weights)
-        dims = [DimSpec("sample", y.shape[0], 0, tuple(0 for _ in range(inputs)), none)]
+        dims = [DimSpec(name="sample", size=y.shape[0], output=0, inputs=tuple(0 for _ in range(inputs)), weights=none)]
         if query_rank == 3:
-            dims.append(DimSpec("length", y.shape[1], 1, (1,) + (None,) * (inputs - 1), none))
-        dims.append(DimSpec("heads", info.config["num_heads"], None, (None,) * inputs, heads))
+            dims.append(DimSpec(name="length", size=y.shape[1], output=1, inputs=(1,) + (None,) * (inputs - 1),
+                                weights=none))
+        dims.append(DimSpec(name="heads", size=info.config["num_heads"], output=None, inputs=(None,) * inputs,
+                            weights=heads))
         return dims
 
     def forward_flops(self, info, call):
@@ -333,7 +351,8 @@ class InputRule(LayerRule):
 
     def dimensions(self, info):
         y = info.output
-        return [DimSpec(name, y.shape[axis], axis, (), ()) for name, axis in positional_dims(y.shape)]
+        return [DimSpec(name=name, size=y.shape[axis], output=axis, inputs=(),
+                        weights=()) for name, axis in positional_dims(y.shape)]
 
     def forward_flops(self, info, call):
         return 0.0

@@ -13,7 +13,7 @@ The equation's letters say which dimension ties to which axes, as in `keras_lwp.
 
 DTensor runs every one of these with its own einsum, forward and backward, exactly
 (tests/test_einsum_dense.py), moving what the cost model prices (benchmarks/bench_moves.py): so they
-are `native`, with no implementation. The channel is the first (outermost) such letter because
+run on DTensor (`runs=DTENSOR`), with no implementation. The channel is the first (outermost) such letter because
 keras.ops.einsum runs "abc,cde->abde" as a matmul with the kernel reshaped to [c, d*e], which keeps a
 split of d local (one of e would be gathered). Equations with an ellipsis, and LoRA or quantized
 layers, keep the builtin sample-only space.
@@ -64,19 +64,22 @@ class SplitEinsumDenseRule(EinsumDenseRule):
         dims = []
         free = [c for c in inputs if c in output and c not in kernel]
         if free and free[0] == inputs[0] == output[0]:
-            dims.append(DimSpec("sample", y.shape[0], 0, (0,), weights(None, False)))
+            dims.append(DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,), weights=weights(None, False)))
             if len(free) == 2:
                 c = free[1]
-                dims.append(DimSpec("length", y.shape[output.index(c)], output.index(c), (inputs.index(c),),
-                                    weights(None, False)))
+                dims.append(DimSpec(name="length", size=y.shape[output.index(c)], output=output.index(c),
+                                    inputs=(inputs.index(c),),
+                                    weights=weights(None, False)))
         columns = [c for c in kernel if c in output and c not in inputs]
         if columns:
             c = columns[0]
-            dims.append(DimSpec("channel", y.shape[output.index(c)], output.index(c), (None,), weights(c, True)))
+            dims.append(DimSpec(name="channel", size=y.shape[output.index(c)], output=output.index(c), inputs=(None,),
+                                weights=weights(c, True)))
         rows = [c for c in kernel if c in inputs and c not in output]
         if rows:
             c = rows[0]
-            dims.append(DimSpec("reduction", x.shape[inputs.index(c)], None, (inputs.index(c),), weights(c, False)))
+            dims.append(DimSpec(name="reduction", size=x.shape[inputs.index(c)], output=None,
+                                inputs=(inputs.index(c),), weights=weights(c, False)))
         return dims if dims and dims[0].name == "sample" else super().dimensions(info)
 
 

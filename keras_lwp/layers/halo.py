@@ -36,10 +36,13 @@ benchmark can record what crosses devices by patching that one name.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
 from keras_lwp import placement
+from keras_lwp.layers.base import KERAS_LWP, DimSpec, no_extra_arguments, unsupported_split
+from keras_lwp.layers.builtin import SPATIAL_NAMES, as_tuple, padding_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,8 +301,89 @@ def from_blocks(y, geometries, channels, out_spec, mesh):
     return relayout(y, out_spec, mesh)
 
 
+
+def smallest_split(size):
+    """The smallest number of parts (> 1) that divides `size`, or 1."""
+    return next((p for p in range(2, size + 1) if size % p == 0), 1)
+
+
+def windowed_dim(name, axis, x, y, window, stride, dilation, padding, weights):
+    """The DimSpec of spatial dimension `name` (tensor axis `axis`) of a windowed layer keras_lwp
+    computes (pooling, depthwise convolution), input `x`, output `y`: its size is the gcd of the input
+    and output extents, so a split divides both (the input arrives split, never all-gathered), and
+    its halo is what the exchange moves on the smallest split."""
+    size = math.gcd(x.shape[axis], y.shape[axis])
+    parts = smallest_split(size)
+    rows = halo_geometry(x.shape[axis], window, stride, dilation, padding, parts).halo if parts > 1 else 0
+    return DimSpec(name=name, size=size, output=axis, inputs=(axis,), weights=weights, halo=rows, runs=KERAS_LWP)
+
+
+
+def window_splits(x, config, names, window, strides, dilation, padding, mesh):
+    """(mesh axis or None, HaloGeometry) per spatial dimension `names` of `x` (channels_last) under
+    `config`, for a windowed layer keras_lwp computes. A split that this call's shapes do not divide
+    (input and output: not the planned shapes) stays whole."""
+    axes = []
+    for i, name in enumerate(names):
+        out = output_size(x.shape[1 + i], window[i], strides[i], dilation[i], padding)[0]
+        axes.append(fits(fits(config.get(name), out, mesh), x.shape[1 + i], mesh))
+    geometries = [halo_geometry(x.shape[1 + i], window[i], strides[i], dilation[i], padding,
+                                axis_size(mesh, a) if a else 1) for i, a in enumerate(axes)]
+    return axes, geometries
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A windowed layer's call, as its implementation needs it: one value per spatial dimension."""
+
+    rank: int  # spatial dimensions
+    size: tuple  # kernel_size or pool_size
+    strides: tuple
+    dilation: tuple
+    padding: str  # lower case
+
+
+def window_call(layer, place, inputs, args, kwargs):
+    """(configuration, input, Window) of a call of a Conv, DepthwiseConv or Pooling layer's
+    implementation on channels_last `inputs`; it takes the inputs only."""
+    no_extra_arguments(layer, args, kwargs)
+    rank = len(inputs.shape) - 2
+    size = layer.kernel_size if hasattr(layer, "kernel_size") else layer.pool_size
+    window = Window(rank, as_tuple(size, rank), as_tuple(layer.strides, rank),
+                    as_tuple(getattr(layer, "dilation_rate", 1), rank), str(layer.padding).lower())
+    return place.config, inputs, window
+
+
+class WindowedSplits:
+    """Mixin of the rules whose splits keras_lwp computes here for channels_last 1-D/2-D windowed layers
+    with 'valid' or 'same' padding (pooling, depthwise convolution): which layers, and the error for
+    the others. `computes` says what, for the error."""
+
+    computes = "splits of channels_last 1-D/2-D windowed layers with 'valid' or 'same' padding"
+
+    def supports(self, info):
+        """Whether this rule's implementation computes the layer's splits exactly."""
+        return (info.config.get("data_format", "channels_last") == "channels_last"
+                and padding_of(info) in ("valid", "same")
+                and len(info.output.shape) - 2 in (1, 2))
+
+    def spatial_dims(self, info, weights):
+        """The layer's spatial DimSpecs, each computed by keras_lwp (`windowed_dim`); `weights` per weight."""
+        x, y = info.inputs[0], info.output
+        window, strides, dilation = self.window(info)
+        return [windowed_dim(name, 1 + i, x, y, window[i], strides[i], dilation[i], padding_of(info), weights)
+                for i, name in enumerate(SPATIAL_NAMES[len(y.shape) - 2])]
+
+    def check_supported(self, info, config):
+        if not self.supports(info):
+            raise unsupported_split(info, config, f"{info.config.get('data_format')}, padding={padding_of(info)!r}",
+                                    self.computes)
+
+
 __all__ = [
-    "HaloGeometry", "axis_size", "block_constant", "exchange_halo", "extend_blocks", "fits", "from_blocks",
+    "HaloGeometry", "Window", "WindowedSplits", "axis_size", "block_constant", "exchange_halo", "extend_blocks", "fits", "from_blocks",
     "halo_geometry", "layout", "output_size", "relayout", "rows", "rows_constant", "select_windows", "shift_blocks",
-    "to_blocks",
+    "smallest_split", "to_blocks", "window_call", "window_splits", "windowed_dim",
 ]

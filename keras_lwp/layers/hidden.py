@@ -15,10 +15,10 @@ only the halo:
    keras.layers.Conv2D.call, and the result is relaid explicitly to the configuration's output layout
    (DTensor's propagation drops an out-channel split otherwise).
 
-Runnable (`native=True`) and exact (tests/test_hidden_conv.py): sample, channel (groups == 1, as the
-builtin rule declares it), and length/height/width for groups == 1 under 'same', 'valid' or 'causal'
+Runnable (`runs=KERAS_LWP`) and exact (tests/test_hidden_conv.py): sample, channel (groups == 1, as
+the builtin rule declares it), and length/height/width for groups == 1 under 'same', 'valid' or 'causal'
 padding with any kernel size, stride and dilation, alone or combined on the mesh axes. Left
-non-native (planned only with space="full"): spatial splits of grouped convolutions. channels_first
+`COSTED` (planned only with space="full"): spatial splits of grouped convolutions. channels_first
 layers keep the builtin rule's sample-only space.
 
 The DimSpec `halo` is what the exchange moves on a 2-way split: `left + right` rows per block
@@ -29,13 +29,9 @@ import dataclasses
 import math
 
 from keras_lwp.layers import halo
-from keras_lwp.layers.base import register_rule
-from keras_lwp.layers.builtin import SPATIAL_NAMES, ConvRule, _tuple
+from keras_lwp.layers.base import KERAS_LWP, register_rule, unsupported_split
+from keras_lwp.layers.builtin import SPATIAL_NAMES, ConvRule, padding_of
 from keras_lwp.layers.halo import HaloGeometry, halo_geometry, output_size
-
-
-def _padding(info):
-    return str(info.config.get("padding", "valid")).lower()
 
 
 @register_rule("Conv1D", "Conv2D")
@@ -48,7 +44,7 @@ class HiddenConvRule(ConvRule):
             return name == "sample"
         if name in ("sample", "channel"):
             return True
-        return info.config.get("groups", 1) == 1 and _padding(info) in ("valid", "same", "causal")
+        return info.config.get("groups", 1) == 1 and padding_of(info) in ("valid", "same", "causal")
 
     def dimensions(self, info):
         dims = super().dimensions(info)
@@ -63,9 +59,9 @@ class HiddenConvRule(ConvRule):
                 # What the exchange moves per block on a 2-way split (the cost model's halo rows).
                 parts = 2 if info.output.shape[1 + i] % 2 == 0 else 1
                 changes["halo"] = halo_geometry(info.inputs[0].shape[1 + i], kernel[i], strides[i], dilation[i],
-                                                _padding(info), parts).halo if parts == 2 else d.halo
-            if not d.native and self.supports(info, d.name):
-                changes["native"] = changes["implemented"] = True
+                                                padding_of(info), parts).halo if parts == 2 else d.halo
+            if not d.runnable and self.supports(info, d.name):
+                changes["runs"] = KERAS_LWP
             result.append(dataclasses.replace(d, **changes) if changes else d)
         return result
 
@@ -75,13 +71,10 @@ class HiddenConvRule(ConvRule):
             return None  # a batch split: DTensor runs the layer's own convolution
         refused = [d for d in hidden if not self.supports(info, d)]
         if refused:
-            raise ValueError(
-                f"Layer '{info.name}' ({info.class_name}, {info.config.get('data_format')}, groups="
-                f"{info.config.get('groups', 1)}, padding={_padding(info)!r}) cannot be split along "
-                f"{', '.join(refused)} on DTensor: keras_lwp computes channel and spatial splits of "
-                "channels_last convolutions (spatial ones for groups == 1 only). Plan it within the "
-                "runnable space."
-            )
+            raise unsupported_split(
+                info, refused, f"{info.config.get('data_format')}, groups={info.config.get('groups', 1)}, "
+                f"padding={padding_of(info)!r}", "channel and spatial splits of channels_last convolutions "
+                "(spatial ones for groups == 1 only)")
         return hidden_conv
 
 
@@ -91,18 +84,10 @@ def hidden_conv(layer, place, mesh, inputs, *args, **kwargs):
     """Conv1D/Conv2D under `place.config` (channel and/or spatial splits) from ops DTensor shards."""
     import tensorflow as tf
 
-    if args or kwargs:
-        raise TypeError(f"Layer '{layer.name}': unexpected call arguments {args} {kwargs}")
-    config = place.config
-    x = inputs
-    rank = len(x.shape) - 2
+    config, x, window = halo.window_call(layer, place, inputs, args, kwargs)
+    rank, kernel_size, strides, dilation, padding = window.rank, window.size, window.strides, window.dilation, window.padding
     spatial = SPATIAL_NAMES[rank]
-    batch = x.shape[0]
-    channels = x.shape[-1]
-    kernel_size = _tuple(layer.kernel_size, rank)
-    strides = _tuple(layer.strides, rank)
-    dilation = _tuple(layer.dilation_rate, rank)
-    padding = str(layer.padding).lower()
+    batch, channels = x.shape[0], x.shape[-1]
     sample_axis = halo.fits(config.get("sample"), batch, mesh)
     channel_axis = config.get("channel")
     axes = [config.get(name) for name in spatial]

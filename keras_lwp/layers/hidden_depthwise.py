@@ -21,66 +21,39 @@ never runs those kernels:
 Runnable and exact (tests/test_hidden_depthwise.py) for channels_last layers with 'valid' or 'same'
 padding, any kernel size, stride, dilation and depth multiplier: sample, channel and
 length/height/width (a spatial dim's size is the gcd of its input and output extents, as for
-pooling, so its input arrives split). All are `implemented`: "auto" picks them with
+pooling, so its input arrives split). All are `runs=KERAS_LWP`: "auto" picks them with
 hidden_dimensions=True. channels_first layers keep the builtin space (nothing runnable).
 SeparableConv stays whole (its pointwise half makes "channel" two different splits).
 """
 
 import dataclasses
 import itertools
-import math
 
 from keras_lwp.layers import halo
-from keras_lwp.layers.base import DimSpec, register_rule
-from keras_lwp.layers.builtin import SPATIAL_NAMES, SampleOnlyConvRule, _weight_axes, _tuple
-from keras_lwp.layers.halo import halo_geometry, output_size
-
-
-def _padding(info):
-    return str(info.config.get("padding", "valid")).lower()
-
-
-def _smallest_split(size):
-    return next((p for p in range(2, size + 1) if size % p == 0), 1)
+from keras_lwp.layers.base import KERAS_LWP, DimSpec, register_rule
+from keras_lwp.layers.builtin import SPATIAL_NAMES, SampleOnlyConvRule, weight_axes
 
 
 @register_rule("DepthwiseConv1D", "DepthwiseConv2D")
-class HiddenDepthwiseRule(SampleOnlyConvRule):
+class HiddenDepthwiseRule(halo.WindowedSplits, SampleOnlyConvRule):
     """DepthwiseConv1D/2D with sample, channel and spatial splits run by keras_lwp."""
 
-    def supports(self, info):
-        return (info.config.get("data_format", "channels_last") == "channels_last"
-                and _padding(info) in ("valid", "same") and len(info.output.shape) - 2 in (1, 2))
+    computes = "splits of channels_last DepthwiseConv1D/2D with 'valid' or 'same' padding"
 
     def dimensions(self, info):
         dims = super().dimensions(info)
         if not self.supports(info):
             return dims
-        x, y = info.inputs[0], info.output
-        rank = len(y.shape) - 2
-        kernel, strides, dilation = self.window(info)
-        none = tuple(None for _ in info.weights)
-        result = [dataclasses.replace(dims[0], native=True, implemented=True)]
-        for i, name in enumerate(SPATIAL_NAMES[rank]):
-            size = math.gcd(x.shape[1 + i], y.shape[1 + i])
-            parts = _smallest_split(size)
-            rows = halo_geometry(x.shape[1 + i], kernel[i], strides[i], dilation[i], _padding(info),
-                                 parts).halo if parts > 1 else 0
-            result.append(DimSpec(name, size, 1 + i, (1 + i,), none, halo=rows, native=True, implemented=True))
-        result.append(DimSpec("channel", x.shape[-1], rank + 1, (rank + 1,),
-                              _weight_axes(info, {"kernel": -2, "bias": 0}), native=True, implemented=True))
-        return result
+        channels = len(info.output.shape) - 1
+        return [dataclasses.replace(dims[0], runs=KERAS_LWP),
+                *self.spatial_dims(info, tuple(None for _ in info.weights)),
+                DimSpec(name="channel", size=info.inputs[0].shape[-1], output=channels, inputs=(channels,),
+                        weights=weight_axes(info, {"kernel": -2, "bias": 0}), runs=KERAS_LWP)]
 
     def implementation(self, info, config):
         if not config:
             return None  # replicated: DTensor runs the layer's own kernels, whole
-        if not self.supports(info):
-            raise ValueError(
-                f"Layer '{info.name}' ({info.class_name}, {info.config.get('data_format')}, padding="
-                f"{_padding(info)!r}) cannot be split along {', '.join(config)} on DTensor: keras_lwp computes "
-                "splits of channels_last DepthwiseConv1D/2D with 'valid' or 'same' padding. Plan it within the "
-                "runnable space."
-            )
+        self.check_supported(info, config)
         return hidden_depthwise
 
 
@@ -88,24 +61,12 @@ def hidden_depthwise(layer, place, mesh, inputs, *args, **kwargs):
     """DepthwiseConv1D/2D under `place.config` from ops DTensor shards (see the module doc)."""
     import tensorflow as tf
 
-    if args or kwargs:
-        raise TypeError(f"Layer '{layer.name}': unexpected call arguments {args} {kwargs}")
-    config = place.config
-    x = inputs
-    rank = len(x.shape) - 2
+    config, x, window = halo.window_call(layer, place, inputs, args, kwargs)
+    rank, kernel_size, strides, dilation, padding = window.rank, window.size, window.strides, window.dilation, window.padding
     channels = x.shape[-1]
-    kernel_size = _tuple(layer.kernel_size, rank)
-    strides = _tuple(layer.strides, rank)
-    dilation = _tuple(layer.dilation_rate, rank)
-    padding = str(layer.padding).lower()
     sample_axis = halo.fits(config.get("sample"), x.shape[0], mesh)
     channel_axis = halo.fits(config.get("channel"), channels, mesh)
-    axes = []
-    for i, name in enumerate(SPATIAL_NAMES[rank]):
-        out = output_size(x.shape[1 + i], kernel_size[i], strides[i], dilation[i], padding)[0]
-        axes.append(halo.fits(halo.fits(config.get(name), out, mesh), x.shape[1 + i], mesh))
-    geometries = [halo_geometry(x.shape[1 + i], kernel_size[i], strides[i], dilation[i], padding,
-                                halo.axis_size(mesh, a) if a else 1) for i, a in enumerate(axes)]
+    axes, geometries = halo.window_splits(x, config, SPATIAL_NAMES[rank], kernel_size, strides, dilation, padding, mesh)
 
     # 1. Blocks [N, P0, window0, (P1, window1,) C], each output block's input window.
     blocks, block_spec = halo.to_blocks(x, geometries, axes, sample_axis, channel_axis, mesh)

@@ -4,7 +4,7 @@
 
 - channel: the table split by columns, the output along its last axis. DTensor's own gather runs it
   (each device looks its columns up, nothing moves forward; the table's gradient is synchronized
-  over the axes that split the ids, like any weight): exact, so `native`, no implementation.
+  over the axes that split the ids, like any weight): exact, so `runs=DTENSOR`, no implementation.
 - vocabulary: the table split by rows, P blocks of V/P rows on a mesh axis. `hidden_embedding` views
   the table as [P, V/P, D] (block axis on the mesh axis) and the ids as [P, N, L] (a broadcast, laid
   out on it too); block p looks up the ids it owns (id - p V/P in [0, V/P)), zeros elsewhere, and the
@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 
 from keras_lwp.layers import halo
-from keras_lwp.layers.base import register_rule
+from keras_lwp.layers.base import DTENSOR, KERAS_LWP, no_extra_arguments, register_rule, unsupported_split
 from keras_lwp.layers.builtin import EmbeddingRule
 
 
@@ -50,9 +50,9 @@ class HiddenEmbeddingRule(EmbeddingRule):
         result = []
         for d in dims:
             if d.name == "channel":
-                d = dataclasses.replace(d, native=True)
+                d = dataclasses.replace(d, runs=DTENSOR)
             elif d.name == "vocabulary":
-                d = dataclasses.replace(d, native=True, implemented=True, whole_gradient=True)
+                d = dataclasses.replace(d, runs=KERAS_LWP, whole_gradient=True)
             result.append(d)
         return result
 
@@ -60,10 +60,8 @@ class HiddenEmbeddingRule(EmbeddingRule):
         if "vocabulary" not in config:
             return None  # sample, length, channel: DTensor's gather
         if not _plain(info):
-            raise ValueError(
-                f"Layer '{info.name}' (Embedding with LoRA or quantization) cannot be split along its vocabulary "
-                "on DTensor: keras_lwp computes that split for a plain float table. Plan it within the runnable space."
-            )
+            raise unsupported_split(info, ["vocabulary"], "with LoRA or quantization",
+                                    "that split for a plain float table")
         return hidden_embedding
 
 
@@ -72,8 +70,7 @@ def hidden_embedding(layer, place, mesh, inputs, *args, **kwargs):
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
-    if args or kwargs:
-        raise TypeError(f"Layer '{layer.name}': unexpected call arguments {args} {kwargs}")
+    no_extra_arguments(layer, args, kwargs)
     config = place.config
     ids = inputs
     if ids.dtype not in (tf.int32, tf.int64):

@@ -17,7 +17,7 @@ length/height/width, channel and sample from ops DTensor shards, moving only the
    leaves the padding out of the count), a constant per block and output row.
 3. The blocks merge back into the output, relaid explicitly to the configuration's layout.
 
-Runnable (`native=True`) and exact (tests/test_hidden_pooling.py), for any pool size and stride:
+Runnable and exact (tests/test_hidden_pooling.py), for any pool size and stride:
 MaxPooling's sample split (DTensor's own MaxPool) and, through `hidden_pool`, every split of
 channel and the spatial dims, and every split of AveragePooling including the sample (so AvgPoolGrad
 never runs on a split). A spatial dim's DimSpec size is the gcd of its input and output extents, so
@@ -28,33 +28,19 @@ builtin rule declares them (channels_first layers, 'causal' cannot occur): sampl
 
 import dataclasses
 import functools
-import math
 
 import numpy as np
 
 from keras_lwp.layers import halo
-from keras_lwp.layers.base import DimSpec, register_rule
-from keras_lwp.layers.builtin import SPATIAL_NAMES, PoolRule, _tuple
-from keras_lwp.layers.halo import halo_geometry, output_size
-
-
-def _padding(info):
-    return str(info.config.get("padding", "valid")).lower()
-
-
-def _smallest_split(size):
-    """The smallest number of parts (> 1) that divides `size`, or 1."""
-    return next((p for p in range(2, size + 1) if size % p == 0), 1)
+from keras_lwp.layers.base import DTENSOR, KERAS_LWP, register_rule
+from keras_lwp.layers.builtin import SPATIAL_NAMES, PoolRule
 
 
 @register_rule("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")
-class HiddenPoolRule(PoolRule):
+class HiddenPoolRule(halo.WindowedSplits, PoolRule):
     """Pooling with its spatial and channel splits (and AveragePooling's sample) run by keras_lwp."""
 
-    def supports(self, info):
-        """Whether `hidden_pool` computes this layer's splits exactly."""
-        return (info.config.get("data_format", "channels_last") == "channels_last"
-                and _padding(info) in ("valid", "same") and len(info.output.shape) - 2 in (1, 2))
+    computes = "splits of channels_last 1-D/2-D pooling with 'valid' or 'same' padding"
 
     @staticmethod
     def average(info):
@@ -64,31 +50,16 @@ class HiddenPoolRule(PoolRule):
         dims = super().dimensions(info)
         if not self.supports(info):
             return dims
-        x, y = info.inputs[0], info.output
-        rank = len(y.shape) - 2
-        pool, strides, _ = self.window(info)
         by_name = {d.name: d for d in dims}
-        result = [dataclasses.replace(by_name["sample"], native=True, implemented=self.average(info))]
-        for i, name in enumerate(SPATIAL_NAMES[rank]):
-            # A split must divide the output (its blocks) and the input (so it arrives split).
-            size = math.gcd(x.shape[1 + i], y.shape[1 + i])
-            parts = _smallest_split(size)
-            rows = halo_geometry(x.shape[1 + i], pool[i], strides[i], 1, _padding(info), parts).halo if parts > 1 else 0
-            # The builtin rule declares it only when the stride divides the input; any extent runs here.
-            result.append(DimSpec(name, size, 1 + i, (1 + i,), (), halo=rows, native=True, implemented=True))
-        result.append(dataclasses.replace(by_name["channel"], native=True, implemented=True))
-        return result
+        # The builtin rule declares a spatial dim only when the stride divides the input; any extent runs here.
+        return [dataclasses.replace(by_name["sample"], runs=KERAS_LWP if self.average(info) else DTENSOR),
+                *self.spatial_dims(info, ()),
+                dataclasses.replace(by_name["channel"], runs=KERAS_LWP)]
 
     def implementation(self, info, config):
         if not config or (set(config) == {"sample"} and not self.average(info)):
             return None  # replicated, or MaxPool split along the batch: DTensor runs the layer's own op
-        if not self.supports(info):
-            raise ValueError(
-                f"Layer '{info.name}' ({info.class_name}, {info.config.get('data_format')}, padding="
-                f"{_padding(info)!r}) cannot be split along {', '.join(config)} on DTensor: keras_lwp "
-                "computes splits of channels_last 1-D/2-D pooling with 'valid' or 'same' padding. "
-                "Plan it within the runnable space."
-            )
+        self.check_supported(info, config)
         return hidden_pool
 
 
@@ -98,24 +69,12 @@ def hidden_pool(layer, place, mesh, inputs, *args, **kwargs):
     """Max/AveragePooling1D/2D under `place.config` from ops DTensor shards (see the module doc)."""
     import tensorflow as tf
 
-    if args or kwargs:
-        raise TypeError(f"Layer '{layer.name}': unexpected call arguments {args} {kwargs}")
-    config = place.config
-    x = inputs
-    rank = len(x.shape) - 2
-    pool = _tuple(layer.pool_size, rank)
-    strides = _tuple(layer.strides, rank)
-    padding = str(layer.padding).lower()
+    config, x, window = halo.window_call(layer, place, inputs, args, kwargs)
+    rank, pool, strides, padding = window.rank, window.size, window.strides, window.padding
     average = type(layer).__name__.startswith("Average")
     sample_axis = halo.fits(config.get("sample"), x.shape[0], mesh)
     channel_axis = halo.fits(config.get("channel"), x.shape[-1], mesh)
-    axes = []
-    for i, name in enumerate(SPATIAL_NAMES[rank]):
-        # A split this call's shapes do not divide (not the planned ones) stays whole.
-        out = output_size(x.shape[1 + i], pool[i], strides[i], 1, padding)[0]
-        axes.append(halo.fits(halo.fits(config.get(name), out, mesh), x.shape[1 + i], mesh))
-    geometries = [halo_geometry(x.shape[1 + i], pool[i], strides[i], 1, padding,
-                                halo.axis_size(mesh, a) if a else 1) for i, a in enumerate(axes)]
+    axes, geometries = halo.window_splits(x, config, SPATIAL_NAMES[rank], pool, strides, (1,) * rank, padding, mesh)
 
     # 1. Blocks [N, P0, window0, (P1, window1,) C], each output block's input window.
     blocks, block_spec = halo.to_blocks(x, geometries, axes, sample_axis, channel_axis, mesh)

@@ -63,3 +63,29 @@ def test_every_builtin_class_is_registered_once():
               "DepthwiseConv2D": hidden_depthwise, "Embedding": hidden_embedding, "EinsumDense": einsum_dense}
     for name, module in owners.items():
         assert type(base._RULES[name]).__module__ == module.__name__, name
+
+
+def test_a_dimension_is_built_by_keywords_and_says_who_runs_its_split():
+    from keras_lwp.layers import COSTED, DTENSOR, KERAS_LWP, DimSpec
+
+    with pytest.raises(TypeError):
+        DimSpec("sample", 8, 0, (0,), ())  # positional: which number is the output axis?
+    by_dtensor = DimSpec(name="sample", size=8, output=0, inputs=(0,), weights=())
+    assert by_dtensor.runs == DTENSOR and by_dtensor.runnable and not by_dtensor.by_keras_lwp
+    computed = DimSpec(name="channel", size=8, output=1, inputs=(1,), weights=(), runs=KERAS_LWP)
+    assert computed.runnable and computed.by_keras_lwp
+    assert not DimSpec(name="height", size=8, output=1, inputs=(1,), weights=(), runs=COSTED).runnable
+    with pytest.raises(ValueError, match="runs='native'"):
+        DimSpec(name="width", size=8, output=2, inputs=(2,), weights=(), runs="native")
+
+
+def test_the_planner_options_are_keywords():
+    import inspect
+
+    from keras_lwp.planner import plan_graph, search
+    from keras_lwp.runtime import parallelize
+
+    for function in (search, plan_graph, parallelize):
+        parameters = inspect.signature(function).parameters.values()
+        positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional[-1] == "strategy", (function.__name__, positional)

@@ -1,0 +1,149 @@
+"""Wrapped calls: each layer, and the model, runs the layouts its plan gives it.
+
+`wrap_call` replaces a layer's `call`: the inputs are relaid to the layouts the layer's configuration
+needs, the layer computes (its own call, or the implementation its rule gives for a split DTensor
+cannot run), and the output is relaid to the configuration's output layout, so DTensor inserts exactly
+the plan's communication between layers. Random draws inside it are made as on one device
+(`draws_as_one_device`), and what Keras reads from an output beside its value (the logits under a
+softmax, the mask) survives the relayout (`relayout_output`).
+"""
+
+import contextlib
+
+from keras_lwp import keras_internals, placement
+from keras_lwp.layers import registered_rule
+
+def wrap_call(layer, place, mesh, sources=None):
+    """Relayout the inputs to what the configuration needs and the output to its layout; where the
+    layer's rule implements a split DTensor refuses, run that implementation instead of `call`."""
+    import keras
+    import tensorflow as tf
+
+    sources = sources or {}
+    implementation = registered_rule(place.info).implementation(place.info, place.config)
+    if implementation is None:
+        original = layer.call
+    else:
+        def original(*args, **kwargs):
+            return implementation(layer, place, mesh, *args, **kwargs)
+
+    @tf.autograph.experimental.do_not_convert
+    def call(*args, **kwargs):
+        inputs = args[0] if args else None
+        rest = args[1:]
+        if isinstance(inputs, (list, tuple)):
+            inputs = type(inputs)(_relayout_input(place, i, t, mesh, sources) for i, t in enumerate(inputs))
+        elif inputs is not None:
+            inputs = _relayout_input(place, 0, inputs, mesh, sources)
+        # Extra tensor arguments (attention's value/key) are inputs 1, 2, ... of the rule.
+        rest = tuple(_relayout_input(place, 1 + i, t, mesh, sources) if tf.is_tensor(t) else t
+                     for i, t in enumerate(rest))
+        for key, index in (("value", 1), ("key", 2)):
+            if tf.is_tensor(kwargs.get(key)):
+                kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources)
+        with draws_as_one_device(mesh):
+            outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
+        return keras.tree.map_structure(
+            lambda t: relayout_output(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
+
+    layer._keras_lwp_original_call = layer.call
+    layer.call = call
+
+
+def _relayout_input(place, index, tensor, mesh, sources):
+    import tensorflow as tf
+
+    if not tf.is_tensor(tensor) or index >= len(place.info.calls[0].inputs):
+        return tensor
+    return placement.relayout(tensor, place.input_layout(index, tensor), mesh, source=sources.get(index))
+
+
+# Keras' random draws by shape (keras.src.backend.random, which layers and keras.random call).
+_SHAPED_DRAWS = ("normal", "uniform", "truncated_normal", "randint")
+
+
+@contextlib.contextmanager
+def draws_as_one_device(mesh):
+    """While a wrapped layer's call is traced, Keras' random draws (Dropout's mask, GaussianNoise's
+    noise, ...) are made whole on every device, then split like the tensor they meet: the numbers one
+    device draws. Left alone, DTensor lays a draw out like its consumer and draws each block from a
+    seed mixed with its device's coordinates: another mask than the single-device model's, and
+    another for every strategy. The price: each device draws the whole mask, not only its block."""
+    import tensorflow as tf
+    module = keras_internals.random_module()
+    saved = {name: getattr(module, name) for name in _SHAPED_DRAWS + ("dropout",)}
+
+    def whole(draw):
+        def wrapped(shape, *args, **kwargs):
+            value = draw(shape, *args, **kwargs)
+            return placement.relayout(value, (None,) * len(value.shape), mesh)
+        return wrapped
+
+    def dropout(inputs, rate, noise_shape=None, seed=None):
+        if not isinstance(rate, (int, float)) or not 0 < rate < 1:
+            return saved["dropout"](inputs, rate, noise_shape, seed)
+        shape = keras_internals.concrete_noise_shape(inputs, noise_shape)
+        # Keras' own dropout of ones: 1/(1-rate) where kept, else 0, from the same draw of the same seed.
+        mask = saved["dropout"](tf.ones(shape, inputs.dtype), rate, None, seed)
+        return inputs * placement.relayout(mask, (None,) * len(mask.shape), mesh)
+
+    for name in _SHAPED_DRAWS:
+        setattr(module, name, whole(saved[name]))
+    module.dropout = dropout
+    try:
+        yield
+    finally:
+        for name, draw in saved.items():
+            setattr(module, name, draw)
+
+
+def wrap_model_outputs(model, graph, plan, mesh):
+    """Lay the model's outputs out like the labels (batch split, the rest whole) for the loss:
+    DTensor mis-shaped a loss's reshape of a channel-split prediction."""
+    import keras
+    import tensorflow as tf
+
+    original = model.call
+    sample_axis = plan[graph.graph["inputs"][0]].get("sample")
+
+    @tf.autograph.experimental.do_not_convert
+    def call(*args, **kwargs):
+        outputs = original(*args, **kwargs)
+        return keras.tree.map_structure(
+            lambda t: relayout_output(t, (sample_axis,) + (None,) * (len(t.shape) - 1), mesh) if tf.is_tensor(t)
+            else t, outputs)
+
+    model.call = call
+
+
+# What Keras reads from a tensor beside its value: the losses' logits (keras/src/backend/tensorflow/
+# nn.py: _get_logits takes `_keras_logits`, or the input of the Softmax/Sigmoid op that made the
+# output) and the mask Keras' losses and metrics apply (`_keras_mask`).
+_LOGITS_OPS = ("Softmax", "Sigmoid")
+
+
+def relayout_output(tensor, spec, mesh):
+    """A layer's (or the model's) output relaid to `spec`, keeping what Keras reads from the output
+    tensor itself: a relayout is a new tensor, and from it a cross-entropy would compute on
+    probabilities instead of the logits the single-device loss uses (another loss, not rounding)."""
+    import tensorflow as tf
+
+    relaid = placement.relayout(tensor, spec, mesh)
+    if relaid is tensor:
+        return relaid
+    logits = getattr(tensor, "_keras_logits", None)
+    if logits is None and not tf.executing_eagerly() and getattr(tensor, "op", None) is not None \
+            and tensor.op.type in _LOGITS_OPS and len(tensor.op.inputs) == 1:
+        logits = tensor.op.inputs[0]
+    mask = getattr(tensor, "_keras_mask", None)
+    try:
+        if logits is not None:
+            relaid._keras_logits = placement.relayout(logits, spec, mesh)
+        if mask is not None:
+            relaid._keras_mask = placement.relayout(mask, spec[:len(mask.shape)], mesh)
+    except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either
+        pass
+    return relaid
+
+
+__all__ = ["draws_as_one_device", "relayout_output", "wrap_call", "wrap_model_outputs"]

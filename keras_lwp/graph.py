@@ -68,6 +68,7 @@ class LayerInfo:
     weights: tuple
     calls: list = field(default_factory=list)
     layer: object = field(default=None, repr=False, compare=False)  # the Keras layer, for the rewrap
+    sublayers: tuple = ()  # class names of the layers it is made of (a composite layer), nested ones too
 
     @property
     def rule_names(self):
@@ -103,8 +104,12 @@ def dtype_size(dtype):
     return _DTYPE_SIZES.get(str(dtype), 4)
 
 
-def layer_graph(model, batch_size):
+def layer_graph(model, batch_size, input_shapes=None):
     """The layer graph of a Keras functional or Sequential model.
+
+    `input_shapes` ({input name: shape without the batch}) fixes the dimensions a model leaves open
+    (a transformer's sequence length): the graph is then read from a twin of the model called on
+    inputs of those shapes, made of the same layers and operations (so the plan applies to the model).
 
     Returns a `networkx.DiGraph` whose nodes are layer names in topological order with attribute
     `info` (a LayerInfo), and whose edges u->v have attribute `tensors`: a list of
@@ -117,7 +122,7 @@ def layer_graph(model, batch_size):
         raise TypeError(f"Expected a keras.Model. Received: {model!r} of type {type(model).__name__}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
-    functional = _functional_of(model)
+    functional = _with_static_shapes(_functional_of(model), input_shapes)
     graph = nx.DiGraph(inputs=[], outputs=[])
     reader = _Reader(graph, batch_size)
     sources = {}
@@ -152,6 +157,39 @@ def _functional_of(model):
             "or wrap its body in one."
         )
     return model
+
+
+def _with_static_shapes(functional, input_shapes):
+    """`functional`, or its twin on inputs of `input_shapes` when it leaves dimensions open."""
+    import keras
+
+    open_inputs = [t for t in functional.inputs if any(d is None for d in tuple(t.shape)[1:])]
+    if not open_inputs and not input_shapes:
+        return functional
+    input_shapes = dict(input_shapes or {})
+    names = [t.name for t in functional.inputs]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise ValueError(f"input_shapes names {unknown}, which are not inputs of the model '{functional.name}'; "
+                         f"its inputs are {names}.")
+    missing = [t.name for t in open_inputs if t.name not in input_shapes]
+    if missing:
+        shapes = {t.name: tuple(t.shape)[1:] for t in open_inputs}
+        raise ValueError(
+            f"keras_lwp needs static shapes to plan; the model's inputs {shapes} leave dimensions open. Pass their "
+            f"shapes without the batch, e.g. input_shapes={{{', '.join(f'{n!r}: (128,)' for n in missing)}}} "
+            "(a sequence length of 128), or build the model on inputs of fixed shapes.")
+    static = {}
+    for tensor in functional.inputs:
+        shape = tuple(input_shapes.get(tensor.name, tuple(tensor.shape)[1:]))
+        given = tuple(tensor.shape)[1:]
+        if len(shape) != len(given) or any(g is not None and g != s for g, s in zip(given, shape)):
+            raise ValueError(f"input_shapes[{tensor.name!r}] = {shape} does not fit the input's shape {given} "
+                             "(without the batch): give a value for each open dimension and keep the others.")
+        static[id(tensor)] = keras.Input(shape, dtype=tensor.dtype, name=tensor.name)
+    structure = keras.tree.map_structure(lambda t: static[id(t)], functional.input)
+    # The same layers and operations, called once more on the static inputs (nothing is copied).
+    return keras.models.clone_model(functional, input_tensors=structure, clone_function=lambda layer: layer)
 
 
 class _Reader:
@@ -189,15 +227,15 @@ class _Reader:
         if name not in self.graph:
             weights = tuple(
                 WeightInfo(w.path, tuple(int(s) for s in w.shape), str(w.dtype), bool(w.trainable))
-                for w in layer.weights
+                for w in getattr(layer, "weights", ())  # an operation (keras.ops) has none
             )
             try:
                 config = layer.get_config()
-            except NotImplementedError:
+            except Exception:  # noqa: BLE001  (not implemented, or broken: keras_hub's LlamaTransformerDecoder)
                 config = {}
-            self.graph.add_node(
-                name, info=LayerInfo(name, type(layer).__name__, config, weights, [], layer)
-            )
+            inner = keras_internals.sublayers(layer)
+            self.graph.add_node(name, info=LayerInfo(name, type(layer).__name__, config, weights, [], layer,
+                                                     tuple(type(each).__name__ for each in inner)))
         return name
 
     def add_input(self, tensor):
@@ -230,12 +268,7 @@ class _Reader:
                     for outer, produced in zip(node.output_tensors, inner.outputs):
                         sources[id(outer)] = inner_sources[id(produced)]
                     continue
-                if not isinstance(op, keras.layers.Layer):
-                    raise TypeError(
-                        f"The model calls '{op.name}', a {type(op).__name__}, which is not a keras Layer. "
-                        "keras_lwp plans layers; wrap the operation in a layer (e.g. keras.layers.Lambda)."
-                    )
-                name = self.add_layer(op)
+                name = self.add_layer(op)  # a layer, or an operation (keras.ops in a functional model)
                 info = self.graph.nodes[name]["info"]
                 call_index = len(info.calls)
                 gradients = tuple(sources[id(t)] in self.differentiable for t in inputs)

@@ -28,6 +28,8 @@ INTERNALS = (
      "a built Sequential model's functional graph"),
     ("keras.src.ops.node", "arguments", "set", "graph.py, runtime.py, cost/timing.py",
      "a call's arguments, to call a layer again as the model calls it (arguments.fill_in)"),
+    ("keras.src.layers.layer", "Layer._flatten_layers", "attribute", "graph.py",
+     "the layers a composite layer (a transformer block) is made of"),
     ("keras.src.ops.node", "_keras_history", "set", "graph.py",
      "the layer that made a model input"),
     ("keras.src.backend.tensorflow.core", "_value", "set", "placement.py",
@@ -93,6 +95,18 @@ def sequential_functional(model):
 def history_layer(tensor):
     """The layer that made a symbolic Keras tensor."""
     return tensor._keras_history.operation
+
+
+def sublayers(layer):
+    """The layers `layer` is made of, nested ones too (none for an operation)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    return list(flatten(include_self=False)) if flatten is not None else []
+
+
+def keyword_inputs(node):
+    """{keyword: index among the node's input tensors} of the tensors a Keras node's call passed by keyword."""
+    positions = {id(t): i for i, t in enumerate(node.input_tensors)}
+    return {key: positions[id(value)] for key, value in node.arguments.kwargs.items() if id(value) in positions}
 
 
 def call_arguments(node, tensors):

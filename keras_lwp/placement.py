@@ -59,6 +59,9 @@ def relayout(tensor, spec, mesh, source=None):
         return to_mesh(tensor, spec, mesh)
     if source is not None:
         source = fit_spec(source, shape, mesh_spec_of(mesh))
+    if tensor.dtype == tf.bool:  # DTensor's all-to-all takes no booleans (a mask): move it as int32
+        moved = _exact_relayout(tf.cast(tensor, tf.int32), spec, mesh, source=source)
+        return tensor if moved is tensor else _marked(tf.cast(moved, tf.bool), spec)
     return _exact_relayout(tensor, spec, mesh, source=source)
 
 
@@ -227,7 +230,7 @@ def layer_to_mesh(layer, place, mesh):
     """A layer's variables onto the mesh: its weights with their configuration's layouts, the rest
     (a random layer's seed state) replicated. Left on the host, a seed state is read, incremented and
     written by every device of a step at once, racing: masks changed from run to run under one seed."""
-    for index, weight in enumerate(layer.weights):
+    for index, weight in enumerate(getattr(layer, "weights", ())):  # an operation (keras.ops) has none
         variable_to_mesh(weight, place.weight_layout(index), mesh)
     for variable in state_variables(layer):
         variable_to_mesh(variable, (None,) * len(variable.shape), mesh)
@@ -235,7 +238,8 @@ def layer_to_mesh(layer, place, mesh):
 
 def state_variables(layer):
     """A layer's (or model's) variables that are not weights: the seed states of its random layers."""
-    return [v for v in layer.variables if not any(v is w for w in layer.weights)]
+    weights = getattr(layer, "weights", ())
+    return [v for v in getattr(layer, "variables", ()) if not any(v is w for w in weights)]
 
 
 # -- optimizer state -----------------------------------------------------------------------------

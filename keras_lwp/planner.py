@@ -34,7 +34,8 @@ BASELINES = ("data", "model", "owt")
 
 
 def search(model, mesh, batch_size=None, strategy="auto", *, overrides=None, profile=None,
-           cost_model="analytic", strict=False, space="runnable", hidden_dimensions=False, memory_limit=None):
+           cost_model="analytic", strict=False, space="runnable", hidden_dimensions=False, memory_limit=None,
+           input_shapes=None):
     """Plan a parallelization of `model` over `mesh` without touching the model.
 
     Args:
@@ -64,13 +65,16 @@ def search(model, mesh, batch_size=None, strategy="auto", *, overrides=None, pro
             slots, activations kept for the backward pass), or "auto" for the device profile's
             memory. "auto" then returns the fastest plan it finds that fits; any strategy that does
             not fit raises MemoryLimitError naming the smallest footprint any plan reaches.
+        input_shapes: {input name: shape without the batch} for inputs whose shape the model leaves
+            open (a transformer's sequence length: {"token_ids": (128,), "padding_mask": (128,)});
+            the plan is for those shapes.
 
     Returns:
         A Strategy with its predicted cost (`strategy.cost`) and memory.
     """
     spec = mesh_spec_of(mesh)
     batch_size = _batch_size(model, spec, batch_size)
-    graph = layer_graph(model, batch_size)
+    graph = layer_graph(model, batch_size, input_shapes)
     return plan_graph(graph, spec, batch_size, strategy, overrides=overrides, profile=profile, cost_model=cost_model,
                       strict=strict, space=space, hidden_dimensions=hidden_dimensions, memory_limit=memory_limit,
                       optimizer=getattr(model, "optimizer", None))
@@ -219,11 +223,11 @@ def _memory_error(memory_limit, smallest):
     return error
 
 
-def random_strategy(model, mesh, batch_size, seed, profile=None):
+def random_strategy(model, mesh, batch_size, seed, profile=None, input_shapes=None):
     """A valid strategy drawn at random (each layer a uniformly chosen runnable configuration),
     costed like any other: for tests of exactness and of the cost model's ranking."""
     spec = mesh_spec_of(mesh)
-    graph = layer_graph(model, batch_size)
+    graph = layer_graph(model, batch_size, input_shapes)
     problem = Problem(graph, spec, AnalyticCostModel(spec, profile), warned=set())
     rng = np.random.default_rng(seed)
     assignment = {name: problem.configs[name][rng.integers(len(problem.configs[name]))] for name in problem.nodes}

@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_lwp import fit_loop, keras_internals, multihost, placement, wrapping
 from keras_lwp.graph import layer_graph
-from keras_lwp.layers import Placement, dimensions_of, has_rule_for
+from keras_lwp.layers import Placement, dimensions_of, has_rule_for, is_composite
 from keras_lwp.mesh import make_mesh, mesh_spec_of
 from keras_lwp.placement import to_host, to_mesh
 from keras_lwp.planner import plan_graph, _batch_size
@@ -58,7 +58,7 @@ def strategy_of(model):
 
 
 def parallelize(model, mesh, strategy="auto", *, overrides=None, batch_size=None, profile=None, cost_model="analytic",
-                strict=False, hidden_dimensions=False, memory_limit=None):
+                strict=False, hidden_dimensions=False, memory_limit=None, input_shapes=None):
     """Shard `model` over `mesh` layer by layer, then train it with the usual `compile`/`fit`.
 
     Args:
@@ -69,7 +69,7 @@ def parallelize(model, mesh, strategy="auto", *, overrides=None, batch_size=None
             keras_lwp.search or Strategy.from_json).
         overrides: {layer name or pattern: {dimension: mesh axis}} pinned for the search.
         batch_size: the global batch size to plan for (default: 32 per device).
-        profile, strict, hidden_dimensions, memory_limit: as in keras_lwp.search.
+        profile, strict, hidden_dimensions, memory_limit, input_shapes: as in keras_lwp.search.
         cost_model: "analytic", "profiled" (measure every layer configuration on this mesh once,
             then read it from the cache; compile first so the profile times your optimizer's
             update, else Adam's), or a keras_lwp.cost.CostModel; as in keras_lwp.search.
@@ -101,7 +101,7 @@ def parallelize(model, mesh, strategy="auto", *, overrides=None, batch_size=None
     dmesh = make_mesh(mesh)
     spec = mesh_spec_of(dmesh)
     batch_size = _batch_size(model, spec, batch_size)
-    graph = layer_graph(model, batch_size)  # refuses subclassed and empty models before any change
+    graph = layer_graph(model, batch_size, input_shapes)  # refuses subclassed and empty models before any change
     _check_float_inputs(graph)
     _refuse_layers_dtensor_cannot_run(graph)
     if isinstance(strategy, str) and strategy.endswith(".json"):
@@ -146,17 +146,20 @@ def _weights_from_first_client(model, mesh):
 
 
 def _check_float_inputs(graph):
+    """Refuse an integer input that a layer keras_lwp plans reads as its data (a Dense or Conv fed token
+    ids); ids for an Embedding, and masks or ids passed to other layers and operations, are fine."""
     for name in graph.graph["inputs"]:
         tensor = graph.nodes[name]["info"].output
-        consumers = [graph.nodes[v]["info"] for v in graph.successors(name)]
-        if "float" in tensor.dtype or all(c.class_name == "Embedding" for c in consumers):
+        if "float" in tensor.dtype:
             continue
-        first = consumers[0] if consumers else None
-        raise ValueError(
-            f"Input '{name}' has dtype {tensor.dtype}, but the layer that reads it "
-            f"('{first.name}', {first.class_name}) computes in floats. Declare the input as "
-            f"keras.Input(..., dtype='float32') and cast the data, or feed integers to an Embedding."
-        )
+        for consumer in graph.successors(name):
+            info = graph.nodes[consumer]["info"]
+            as_data = any(in_index == 0 for _, _, in_index, _ in graph.edges[name, consumer]["tensors"])
+            if as_data and has_rule_for(info) and "Embedding" not in info.rule_names:
+                raise ValueError(
+                    f"Input '{name}' has dtype {tensor.dtype}, but the layer that reads it ('{info.name}', "
+                    f"{info.class_name}) computes in floats. Declare the input as keras.Input(..., dtype='float32') "
+                    "and cast the data, or feed integers to an Embedding.")
 
 
 # Ops TensorFlow DTensor has no layout rule for: a step that contains one fails ("does not implement
@@ -174,12 +177,12 @@ def _refuse_layers_dtensor_cannot_run(graph):
     that code uses an op DTensor cannot run, naming the layer, the op and the way out."""
     for name in graph:
         info = graph.nodes[name]["info"]
-        if info.class_name == "InputLayer" or has_rule_for(info):
-            continue
+        if info.class_name == "InputLayer" or has_rule_for(info) and not is_composite(info):
+            continue  # a composite layer runs its own call: its ops are checked like an unknown layer's
         unrunnable = sorted(_ops_of(info) & UNRUNNABLE_OPS)
         if unrunnable:
             raise ValueError(
-                f"Layer '{name}' ({info.class_name}) has no keras_lwp rule and computes with {unrunnable[0]}, an op "
+                f"Layer '{name}' ({info.class_name}) runs its own code (no keras_lwp rule of its own) and computes with {unrunnable[0]}, an op "
                 "TensorFlow DTensor cannot run on a mesh (it fails, or crashes the process). Register a rule whose "
                 "implementation avoids that op (keras_lwp.layers.register_rule; docs/how-it-works.md, 'Adding a layer "
                 "rule'), or build the model without this layer.")

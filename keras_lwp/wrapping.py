@@ -20,6 +20,7 @@ def wrap_call(layer, place, mesh, sources=None):
     import tensorflow as tf
 
     sources = sources or {}
+    keywords = _keyword_inputs(place.info)
     implementation = registered_rule(place.info).implementation(place.info, place.config)
     if implementation is None:
         original = layer.call
@@ -38,7 +39,9 @@ def wrap_call(layer, place, mesh, sources=None):
         # Extra tensor arguments (attention's value/key) are inputs 1, 2, ... of the rule.
         rest = tuple(_relayout_input(place, 1 + i, t, mesh, sources) if tf.is_tensor(t) else t
                      for i, t in enumerate(rest))
-        for key, index in (("value", 1), ("key", 2)):
+        # Tensors passed by keyword (attention's value/key, a block's padding mask) are the inputs the
+        # model's call gave them; unplanned ones (a mask Keras adds) keep the layout they have.
+        for key, index in keywords.items():
             if tf.is_tensor(kwargs.get(key)):
                 kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources)
         with draws_as_one_device(mesh):
@@ -48,6 +51,15 @@ def wrap_call(layer, place, mesh, sources=None):
 
     layer._keras_lwp_original_call = layer.call
     layer.call = call
+
+
+def _keyword_inputs(info):
+    """{keyword: input index} of the tensors the model's call passes the layer by keyword; attention's
+    value and key are inputs 1 and 2 when the graph does not say (a layer planned without its node)."""
+    node = info.calls[0].node if info.calls else None
+    if node is None:
+        return {"value": 1, "key": 2}
+    return keras_internals.keyword_inputs(node)
 
 
 def _relayout_input(place, index, tensor, mesh, sources):

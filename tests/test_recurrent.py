@@ -86,11 +86,35 @@ def test_conv_lstm_trains_like_one_device():
 
 
 def test_an_unknown_sequence_length_is_refused_before_any_change():
-    inputs = keras.Input((None, 6))
+    inputs = keras.Input((None, 6), name="sequence")
     model = keras.Model(inputs, L.Dense(3)(L.LSTM(4, name="lstm")(inputs)))
-    with pytest.raises(ValueError, match="needs static shapes.*Give the model's inputs fixed shapes"):
+    with pytest.raises(ValueError, match="needs static shapes.*input_shapes=.'sequence'"):
         keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=BATCH)
     assert getattr(model, "_keras_lwp", None) is None
+
+
+def test_input_shapes_fix_an_open_sequence_length():
+    """The plan is made for the given length; the model trains like one device at that length."""
+    def open_lstm():
+        inputs = keras.Input((None, 6), name="sequence")
+        return keras.Model(inputs, L.Dense(10, name="head")(L.LSTM(16, name="lstm")(inputs)))
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2 * BATCH, 8, 6))
+    y = rng.integers(0, 10, 2 * BATCH)
+    runs = []
+    for parallel in (False, True):
+        with precision.float64():
+            keras.utils.set_random_seed(4)
+            model = open_lstm()
+            if parallel:
+                keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy="data", batch_size=BATCH,
+                                      input_shapes={"sequence": (8, 6)})
+            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+            runs.append([np.asarray(to_host(v.value)) for v in model.weights])
+    for want, got in zip(*runs):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_a_backwards_recurrence_is_refused_naming_the_layer():

@@ -7,6 +7,7 @@ from keras_lwp.layers import hidden_embedding  # noqa: F401  (Embedding's channe
 from keras_lwp.layers import einsum_dense  # noqa: F401  (EinsumDense's column- and row-parallel splits)
 from keras_lwp.layers import hidden_depthwise  # noqa: F401  (DepthwiseConv's sample, channel, spatial splits)
 from keras_lwp.layers import recurrent  # noqa: F401  (RNNs: sample split, run unrolled)
+from keras_lwp.layers import composite  # noqa: F401  (layers made of layers: sample and attention-heads splits)
 from keras_lwp.layers.base import (
     COSTED,
     DTENSOR,
@@ -20,6 +21,7 @@ from keras_lwp.layers.base import (
     dimensions_of,
     has_rule,
     has_rule_for,
+    is_composite,
     register_rule,
     registered_rule,
     rule_for,
@@ -28,5 +30,5 @@ from keras_lwp.layers.base import (
 
 __all__ = [
     "COSTED", "DTENSOR", "KERAS_LWP", "DimSpec", "LayerRule", "Placement", "UnknownLayerWarning", "check_dims", "configurations", "dimensions_of",
-    "has_rule", "has_rule_for", "register_rule", "registered_rule", "rule_for", "runnable_dims",
+    "has_rule", "has_rule_for", "is_composite", "register_rule", "registered_rule", "rule_for", "runnable_dims",
 ]

@@ -132,12 +132,27 @@ def register_rule(*class_names, replace=False):
     return decorate
 
 
+_COMPOSITE = []  # the rule of layers made of other layers that have no rule of their own (keras_lwp.layers.composite)
+
+
 def _lookup(info):
     for name in getattr(info, "rule_names", (info.class_name,)):
         rule = _RULES.get(name)
         if rule is not None:
             return rule
+    if getattr(info, "sublayers", ()) and _COMPOSITE:
+        return _COMPOSITE[0]
     return None
+
+
+def set_composite_rule(rule):
+    """The rule of layers made of sub-layers that have no rule of their own (keras_lwp.layers.composite)."""
+    _COMPOSITE[:] = [rule]
+
+
+def is_composite(info):
+    """Whether the layer is planned by the composite rule (made of sub-layers, no rule of its own)."""
+    return bool(_COMPOSITE) and _lookup(info) is _COMPOSITE[0]
 
 
 class ReplicatedRule(LayerRule):

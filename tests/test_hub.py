@@ -1,0 +1,94 @@
+"""keras_hub transformers (optional extra, installed by the test command) train like one device.
+
+A BERT classifier built from a configuration with random weights (2 layers, hidden 64, no download):
+its inputs leave the sequence length open (`input_shapes` fixes it for the plan), its functional graph
+holds keras.ops (a GetItem, run replicated with a warning) and composite layers (TransformerEncoder,
+split by samples and by attention heads through keras_lwp.layers.composite). Compared in float64 after
+one epoch: losses and every weight.
+"""
+
+import numpy as np
+import pytest
+
+keras_hub = pytest.importorskip("keras_hub", reason="keras_hub is not installed: pip install -e '.[hub]'")
+
+import keras  # noqa: E402
+
+import keras_lwp  # noqa: E402
+from keras_lwp.placement import to_host  # noqa: E402
+from keras_lwp.planner import random_strategy  # noqa: E402
+from tests import precision  # noqa: E402
+
+MESH = {"x": 4, "y": 2}
+BATCH, LENGTH, VOCABULARY = 8, 16, 50
+SHAPES = {"token_ids": (LENGTH,), "segment_ids": (LENGTH,), "padding_mask": (LENGTH,)}
+
+
+def bert_classifier():
+    keras.utils.set_random_seed(1)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=VOCABULARY, num_layers=2, num_heads=2, hidden_dim=64,
+                                             intermediate_dim=128, max_sequence_length=LENGTH)
+    head = keras.layers.Dense(3, name="classifier")(backbone.output["pooled_output"])
+    return keras.Model(backbone.input, head)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, LENGTH, (2 * BATCH, 1))
+    x = {"token_ids": rng.integers(0, VOCABULARY, (2 * BATCH, LENGTH)).astype("int32"),
+         "segment_ids": rng.integers(0, 2, (2 * BATCH, LENGTH)).astype("int32"),
+         "padding_mask": (np.arange(LENGTH)[None, :] < lengths).astype("int32")}
+    return x, rng.integers(0, 3, 2 * BATCH)
+
+
+def train(strategy=None, overrides=None):
+    with precision.float64():
+        model = bert_classifier()
+        if strategy == "random":
+            strategy = random_strategy(model, MESH, BATCH, seed=3, input_shapes=SHAPES)
+        if strategy is not None:
+            keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=strategy, batch_size=BATCH,
+                                  overrides=overrides, input_shapes=SHAPES)
+        model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x, y = data()
+        history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        weights = [np.asarray(to_host(v.value)) for v in model.weights]
+        return history.history["loss"], weights, model
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return train()
+
+
+# auto; a random plan (seed 3 splits the first block by heads on y, and inputs, embeddings, norms and
+# dense layers by samples, sequence and channels); the Megatron plan of both blocks pinned under "data".
+@pytest.mark.parametrize("strategy,overrides", [
+    ("auto", None),
+    ("random", None),
+    ("data", {"transformer_layer_*": {"sample": "x", "heads": "y"}}),
+], ids=["auto", "random", "heads-pinned"])
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+def test_bert_trains_like_one_device(one_device, strategy, overrides):
+    losses, weights, _ = one_device
+    got_losses, got_weights, model = train(strategy, overrides)
+    plan = keras_lwp.strategy_of(model)
+    if overrides:
+        assert all(dict(plan[name]) == {"sample": "x", "heads": "y"} for name in plan if name.startswith("transformer"))
+    np.testing.assert_allclose(got_losses, losses, rtol=1e-9)
+    scale = max(float(np.max(np.abs(w))) for w in weights)
+    for reference, got in zip(weights, got_weights):
+        np.testing.assert_allclose(got, reference, rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_an_open_sequence_length_needs_input_shapes():
+    model = bert_classifier()
+    with pytest.raises(ValueError, match="input_shapes="):
+        keras_lwp.search(model, MESH, BATCH)
+    assert getattr(model, "_keras_lwp", None) is None
+
+
+def test_the_random_plan_splits_a_block_by_heads():
+    """The random plan above is not hollow: it runs a transformer block by attention heads."""
+    plan = random_strategy(bert_classifier(), MESH, BATCH, seed=3, input_shapes=SHAPES)
+    assert "heads" in dict(plan["transformer_layer_0"])

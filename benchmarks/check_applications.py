@@ -3,6 +3,7 @@ equal to the single-device step.
 
     python -m benchmarks.check_applications
     python -m benchmarks.check_applications --strategies data,model,owt,auto --head_scale 100
+    python -m benchmarks.check_applications --models zoo --head_scale 100     # every model in ZOO, "auto"
 
 Slow (a minute or two per model on 2 cores), so it lives here rather than in the test suite. It runs
 in float64: these networks at init with batch 8 and 1x1 final feature maps are so ill-conditioned
@@ -19,7 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["resnet50", "inception_v3", "vgg16", "mobilenet_v2"], "keras.applications models.")
+flags.DEFINE_list("models", ["resnet50", "inception_v3", "vgg16", "mobilenet_v2"],
+                  "keras.applications models (see ZOO), or 'zoo' for all of them.")
 flags.DEFINE_string("floatx", "float64", "Keras float type for both runs.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size (one step).")
 flags.DEFINE_list("strategies", ["auto"], "Strategies to compare with one device (auto, data, model, owt).")
@@ -28,7 +30,16 @@ flags.DEFINE_float("head_scale", 1.0, "Factor on the classifier's last kernel: 1
                    "(loss far above ln 10), where a loss computed from probabilities instead of Keras' logits "
                    "would differ at once.")
 
-SIZES = {"resnet50": 32, "inception_v3": 75, "vgg16": 32, "mobilenet_v2": 32}  # the smallest each accepts
+OWN_FLAGS = ("floatx", "batch_size", "strategies", "input_scale", "head_scale")
+# keras.applications builder and the smallest input side it accepts; `--models zoo` runs them all.
+ZOO = {
+    "resnet50": ("ResNet50", 32), "inception_v3": ("InceptionV3", 75), "vgg16": ("VGG16", 32),
+    "mobilenet_v2": ("MobileNetV2", 32), "mobilenet": ("MobileNet", 32), "mobilenet_v3_small": ("MobileNetV3Small", 32),
+    "resnet50_v2": ("ResNet50V2", 32), "densenet121": ("DenseNet121", 32), "xception": ("Xception", 71),
+    "inception_resnet_v2": ("InceptionResNetV2", 75), "nasnet_mobile": ("NASNetMobile", 32),
+    "efficientnet_b0": ("EfficientNetB0", 32), "efficientnet_v2_b0": ("EfficientNetV2B0", 32),
+    "convnext_tiny": ("ConvNeXtTiny", 32),
+}
 
 
 def main(argv):
@@ -42,11 +53,36 @@ def main(argv):
     import numpy as np
 
     keras.config.set_floatx(FLAGS.floatx)
-    builders = {"resnet50": keras.applications.ResNet50, "inception_v3": keras.applications.InceptionV3,
-                "vgg16": keras.applications.VGG16, "mobilenet_v2": keras.applications.MobileNetV2}
+    keras.config.set_dtype_policy(FLAGS.floatx)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=keras_lwp.layers.UnknownLayerWarning)
+    names = list(ZOO) if FLAGS.models == ["zoo"] else FLAGS.models
+    if len(names) > 1:  # one process per model: a process that builds them all grows past the machine's memory
+        import subprocess
+
+        worst = []
+        for name in names:
+            argv = [sys.executable, "-m", "benchmarks.check_applications", f"--models={name}"] + [
+                f"--{flag}={','.join(map(str, value)) if isinstance(value, list) else value}"
+                for flag, value in FLAGS.flag_values_dict().items() if flag in OWN_FLAGS]
+            out = subprocess.run(argv, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                os.path.abspath(__file__))))
+            lines = [line for line in out.stdout.splitlines() if line.strip()]
+            print("\n".join(line for line in lines if not line.startswith("goal:")), flush=True)
+            if out.returncode:
+                print(f"{name}: failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}", flush=True)
+                worst.append(float("inf"))
+            worst += [float(line.rsplit("worst ", 1)[1].rstrip(")")) for line in lines if line.startswith("goal:")]
+        worst_all = max(worst)
+        tolerance = 1e-9 if FLAGS.floatx == "float64" else 1e-5
+        print(f"goal: equal within {tolerance:.0e} relative ({FLAGS.floatx}): "
+              f"{'met' if worst_all <= tolerance else 'MISSED'} (worst {worst_all:.1e})")
+        return
+    builders = {name: getattr(keras.applications, ZOO[name][0]) for name in names}
     worst_all = 0.0
-    for name in FLAGS.models:
-        size = SIZES[name]
+    for name in names:
+        size = ZOO[name][1]
         rng = np.random.RandomState(0)
         x = (FLAGS.input_scale * rng.rand(FLAGS.batch_size, size, size, 3)).astype(FLAGS.floatx)
         y = rng.randint(0, 10, FLAGS.batch_size)
@@ -96,9 +132,13 @@ def _compare(name, size, reference, run, strategy):
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(ref_w, w)) / scale
     plan = keras_lwp.strategy_of(model)
     split = sum(1 for c in plan.values() if c)
+    graph = model._keras_lwp.graph
+    whole = sorted({graph.nodes[n]["info"].class_name for n in graph
+                    if not keras_lwp.layers.has_rule_for(graph.nodes[n]["info"])})
     print(f"{name:<13} {size}x{size} {strategy:<5} plan on {plan.mesh}: {split}/{len(plan)} layers split  "
           f"loss {ref_loss:.12f} vs {loss:.12f}  worst weight error {worst:.1e} (of the largest weight)  "
-          f"step {ref_s:.1f} s vs {s:.1f} s (incl. tracing)", flush=True)
+          f"step {ref_s:.1f} s vs {s:.1f} s (incl. tracing)  no rule (replicated): {', '.join(whole) or '-'}",
+          flush=True)
     return worst
 
 

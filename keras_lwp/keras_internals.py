@@ -9,7 +9,8 @@ names.
 What parallelize changes on a model (keras_lwp.placement, .wrapping, .fit_loop), in one list:
 - each weight and each random layer's seed state: its `_value` becomes a dtensor.DVariable, its
   `_layout` the DTensor layout, its class a subclass whose host reads gather and writes shard
-  (`_direct_assign`);
+  (`_direct_assign`); tensors a layer keeps besides its variables (Normalization's mean and variance)
+  become replicated DTensors;
 - each layer's `call` (relayout in, its rule's implementation or the original call, relayout out,
   keeping `_keras_logits` and `_keras_mask`), and the model's `call` (outputs split like the labels);
 - the model's make_train/test/predict_function (one sharded batch at a time through Keras' own steps);

@@ -234,6 +234,20 @@ def layer_to_mesh(layer, place, mesh):
         variable_to_mesh(weight, place.weight_layout(index), mesh)
     for variable in state_variables(layer):
         variable_to_mesh(variable, (None,) * len(variable.shape), mesh)
+    for each in [layer] + keras_internals.sublayers(layer):
+        constants_to_mesh(each, mesh)
+
+
+def constants_to_mesh(layer, mesh):
+    """Tensors a layer keeps besides its variables (Normalization's mean and variance), which its call
+    captures, made replicated DTensors: DTensor refuses a plain tensor in a function on the mesh."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    for name, value in list(vars(layer).items()):
+        if isinstance(value, tf.Tensor) and not isinstance(value, tf.Variable) and tf.executing_eagerly() \
+                and not dtensor.is_dtensor(value) and value.shape.rank:
+            setattr(layer, name, to_mesh(value, (None,) * value.shape.rank, mesh))
 
 
 def state_variables(layer):
@@ -295,6 +309,7 @@ def dense_sparse_updates(optimizer):
 
 
 __all__ = [
-    "dense_sparse_updates", "fit_spec", "host_slots", "layer_to_mesh", "layout", "optimizer_to_mesh", "relayout",
-    "sharded_class", "spec_of", "state_variables", "to_host", "to_mesh", "variable_to_mesh", "variables_to_mesh",
+    "constants_to_mesh", "dense_sparse_updates", "fit_spec", "host_slots", "layer_to_mesh", "layout",
+    "optimizer_to_mesh", "relayout", "sharded_class", "spec_of", "state_variables", "to_host", "to_mesh",
+    "variable_to_mesh", "variables_to_mesh",
 ]

@@ -66,6 +66,13 @@ TRAINING = (("training", True),)
 SEED = 3  # random layers: one seed for every copy, see the module docstring
 IMAGE, SEQUENCE, FLAT = (N, S, S, C), (N, S, C), (N, C)
 
+def _applications_layer(module, name):
+    """A layer class keras.applications defines for its models (not exported by keras.layers)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"keras.src.applications.{module}"), name)
+
+
 CASES = {
     "Dense-2d": Case(P(L.Dense, C), (FLAT,)),
     "Dense-3d": Case(P(L.Dense, C), (SEQUENCE,)),
@@ -122,6 +129,11 @@ CASES = {
     "SeparableConv2D": Case(P(L.SeparableConv2D, C, 3, padding="same"), (IMAGE,)),
     "Conv1DTranspose": Case(P(L.Conv1DTranspose, C, 3, strides=2, padding="same"), (SEQUENCE,)),
     "Conv2DTranspose": Case(P(L.Conv2DTranspose, C, 3, strides=2, padding="same"), (IMAGE,)),
+    # keras.applications' own pointwise layers (EfficientNet, ConvNeXt, InceptionResNetV2).
+    "Normalization": Case(P(L.Normalization, mean=0.5, variance=2.0), (IMAGE,)),
+    "LayerScale": Case(lambda name=None: _applications_layer("convnext", "LayerScale")(0.5, C, name=name), (IMAGE,)),
+    "CustomScaleLayer": Case(lambda name=None: _applications_layer("inception_resnet_v2", "CustomScaleLayer")(
+        0.17, name=name), (IMAGE,) * 2, call="list"),
     # Recurrences run unrolled over their (known) time steps: few steps keep the traces short.
     "SimpleRNN": Case(P(L.SimpleRNN, 4, return_sequences=True), ((N, 3, C),)),
     "LSTM": Case(P(L.LSTM, 4), ((N, 3, C),)),

@@ -54,6 +54,9 @@ def _forward_backward_inputs(call, rank, axis):
     "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Dropout", "GaussianNoise", "GaussianDropout",
     "AlphaDropout", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Rescaling",
     "Identity", "ActivityRegularization", "SpatialDropout1D", "SpatialDropout2D",
+    # keras.applications' pointwise layers: Normalization (x - mean) / sqrt(var), ConvNeXt's LayerScale
+    # x * gamma, InceptionResNetV2's CustomScaleLayer x + y * scale; their per-channel weights stay whole.
+    "Normalization", "LayerScale", "CustomScaleLayer",
 )
 class ElementwiseRule(LayerRule):
     """Pointwise layers: every dimension of the output, inputs split alike."""

@@ -106,7 +106,7 @@ def _step(builder, size, x, y, strategy):
 
     keras.utils.set_random_seed(0)
     model = builder(weights=None, input_shape=(size, size, 3), classes=10)
-    head = model.layers[-1]
+    head = [layer for layer in model.layers if hasattr(layer, "kernel")][-1]  # MobileNet's ends in a 1x1 Conv2D
     head.kernel.assign(FLAGS.head_scale * head.kernel)
     if strategy is not None:
         keras_lwp.parallelize(model, keras_lwp.make_mesh({"x": 4, "y": 2}), strategy=strategy,

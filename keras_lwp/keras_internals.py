@@ -17,7 +17,8 @@ What parallelize changes on a model (keras_lwp.placement, .wrapping, .fit_loop),
 - the optimizer, once a step function is made: `add_variable_from_reference` reset to Keras' own (slots
   on the host, then moved), `assign_add`/`assign_sub` making sparse rows dense, and its variables and
   every metric's moved onto the mesh;
-- while a wrapped call is traced, Keras' random draws (keras.src.backend.random) are made whole.
+- while a wrapped call is traced, Keras' random draws (keras.src.backend.random) are made whole, and
+  while a recurrent layer's is, `keras.src.ops.flip` gathers instead of reversing.
 """
 
 # (module, name, kind, used by, why). kind "attribute": a name the module defines (a function, a
@@ -45,6 +46,8 @@ INTERNALS = (
      "optimizer slots built on the host (the TF optimizer colocates them with a DVariable, wrongly)"),
     ("keras.src.backend.tensorflow.optimizer", "TFOptimizer.assign_sub", "attribute", "placement.py",
      "sparse rows scatter-subtracted (no DTensor rule): made dense"),
+    ("keras.src.ops", "flip", "attribute", "layers/recurrent.py",
+     "Bidirectional reverses its backward outputs with ops.flip (ReverseV2): a gather while it is traced"),
     ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "wrapping.py",
      "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
 )
@@ -143,6 +146,13 @@ def random_module():
     from keras.src import backend
 
     return backend.random
+
+
+def ops_module():
+    """keras.src.ops, whose `flip` Bidirectional calls by attribute (keras_lwp.layers.recurrent)."""
+    from keras.src import ops
+
+    return ops
 
 
 def host_slot_builder():

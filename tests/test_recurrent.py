@@ -33,6 +33,7 @@ def stacked():
 def bidirectional():
     inputs = keras.Input((8, 6), name="sequence")
     x = L.Bidirectional(L.LSTM(8, return_sequences=True), name="bi")(inputs)
+    x = L.GRU(6, go_backwards=True, return_sequences=True, name="backwards")(x)
     x = L.GlobalAveragePooling1D(name="gap")(x)
     return keras.Model(inputs, L.Dense(4, name="head")(x))
 
@@ -117,9 +118,11 @@ def test_input_shapes_fix_an_open_sequence_length():
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_a_backwards_recurrence_is_refused_naming_the_layer():
-    """Bidirectional's backward LSTM reverses the sequence (ReverseV2: no DTensor rule)."""
-    model = bidirectional()
-    with pytest.raises(ValueError, match="'bi' .*(ReverseV2|TensorList)"):
-        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=BATCH)
-    assert getattr(model, "_keras_lwp", None) is None
+def test_bidirectional_and_backwards_recurrences_train_like_one_device():
+    """Bidirectional (its backward LSTM walks the steps in reverse, its outputs are flipped back) and a
+    go_backwards GRU: unrolled, and the flip gathered, nothing runs ReverseV2, which DTensor cannot lay out."""
+    want, got = run("bidirectional"), run("bidirectional", "random")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-9)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-9, atol=1e-12)
+    for got_weight, want_weight in zip(got[3], want[3]):
+        np.testing.assert_allclose(got_weight, want_weight, rtol=1e-9, atol=1e-12)

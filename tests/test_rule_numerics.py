@@ -139,6 +139,8 @@ CASES = {
     "LSTM": Case(P(L.LSTM, 4), ((N, 3, C),)),
     "GRU": Case(P(L.GRU, 4, return_sequences=True), ((N, 3, C),)),
     "RNN": Case(lambda name=None: L.RNN(L.LSTMCell(4), name=name), ((N, 3, C),)),
+    "Bidirectional": Case(lambda name=None: L.Bidirectional(L.GRU(4, return_sequences=True), name=name),
+                          ((N, 3, C),)),
     "ConvLSTM1D": Case(P(L.ConvLSTM1D, 2, 3, padding="same"), ((N, 2, 4, 2),)),
     "ConvLSTM2D": Case(P(L.ConvLSTM2D, 2, 3, padding="same", return_sequences=True), ((N, 2, 4, 4, 2),)),
     "ConvLSTM3D": Case(P(L.ConvLSTM3D, 2, 3, padding="same"), ((N, 2, 2, 4, 4, 2),)),

@@ -1,12 +1,14 @@
-"""Recurrent layers (SimpleRNN, LSTM, GRU, ConvLSTM, RNN over a cell): split along the sample, run
-unrolled. A recurrence that runs backwards (go_backwards, so Bidirectional) reverses its sequence with
-ReverseV2, which DTensor cannot lay out: parallelize refuses it, naming the layer.
+"""Recurrent layers (SimpleRNN, LSTM, GRU, ConvLSTM, RNN over a cell, Bidirectional): split along the
+sample, run unrolled.
 
 Keras runs a recurrence as a `tf.while_loop` over TensorLists; DTensor has no layout rule for the
 TensorList ops (TensorListStack, ...) and a parallelized LSTM under `fit` crashed the process. Unrolled
 (`unroll=True`, a Python loop over the known time steps) the same cell computes the same operations on
-ordinary tensors, which DTensor shards along the batch. The layer's own `unroll` setting is restored
-after tracing, so the model's config and saved files do not change. The time steps must be known.
+ordinary tensors, which DTensor shards along the batch; a backwards recurrence (go_backwards) then walks
+its time steps in reverse in Python, with no ReverseV2 (which DTensor cannot lay out). Bidirectional
+reverses its backward outputs with `ops.flip`: while it runs, that flip is a gather of the time steps in
+reverse order. The layers' own settings are restored after tracing, so the model's config and saved
+files do not change. The time steps must be known.
 """
 
 import contextlib
@@ -38,17 +40,35 @@ def unrolled(layer):
             each.unroll = value
 
 
-@register_rule("SimpleRNN", "LSTM", "GRU", "RNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+@contextlib.contextmanager
+def flips_by_gather():
+    """While a recurrent layer's call is traced, `keras.ops.flip` (Bidirectional's reversal of its backward
+    outputs) gathers the flipped axis' indices in reverse order: the same values, without ReverseV2."""
+    import tensorflow as tf
+
+    from keras_lwp import keras_internals
+
+    ops = keras_internals.ops_module()
+    saved = ops.flip
+
+    def flip(x, axis=None):
+        if axis is None or not isinstance(axis, int) or x.shape[axis] is None:
+            return saved(x, axis=axis)
+        return tf.gather(x, tf.range(x.shape[axis] - 1, -1, -1), axis=axis)
+
+    ops.flip = flip
+    try:
+        yield
+    finally:
+        ops.flip = saved
+
+
+@register_rule("SimpleRNN", "LSTM", "GRU", "RNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "Bidirectional")
 class RecurrentRule(LayerRule):
     """The recurrence runs along time on every device; the samples split."""
 
     def dimensions(self, info):
         x, y = info.inputs[0], info.output
-        if info.config.get("go_backwards"):
-            raise ValueError(
-                f"Layer '{info.name}' ({info.class_name}) runs backwards (go_backwards=True), which reverses the "
-                "sequence with ReverseV2, an op TensorFlow DTensor cannot run on a mesh. Reverse the sequence "
-                "outside the model, or parallelize a model without it.")
         if len(x.shape) > 2 and x.shape[1] is None:
             raise ValueError(
                 f"Layer '{info.name}' ({info.class_name}) runs its recurrence unrolled on the mesh (DTensor cannot "
@@ -66,7 +86,7 @@ class RecurrentRule(LayerRule):
 
     def implementation(self, info, config):
         def run(layer, place, mesh, *args, **kwargs):
-            with unrolled(layer):
+            with unrolled(layer), flips_by_gather():
                 return type(layer).call(layer, *args, **kwargs)
 
         return run

@@ -10,6 +10,7 @@ dimension replicated along that axis: same numbers, nothing dropped.
 """
 
 import types
+import warnings
 import weakref
 
 import numpy as np
@@ -98,6 +99,11 @@ def _agree_on_batch(model, batch):
 def _step_function(model, step):
     import tensorflow as tf
 
+    if getattr(model, "jit_compile", False) is True and not getattr(model, "_keras_lwp_warned_jit", False):
+        model._keras_lwp_warned_jit = True
+        warnings.warn(f"Model '{model.name}' was compiled with jit_compile=True, but its parallelized steps run "
+                      "without XLA: TensorFlow DTensor expands them into per-device programs XLA does not compile. "
+                      "The numbers are the same; compile with jit_compile=False to silence this.", stacklevel=3)
     # No reduce_retracing: a relaxed (None) batch dimension would hide whether the batch divides.
     return step if model.run_eagerly else tf.function(step)
 

@@ -66,6 +66,15 @@ def test_fit_variants_match_plain_keras(variant):
     assert_weights_equal(plain, sharded)
 
 
+def test_jit_compile_trains_like_plain_keras_and_says_xla_is_not_used():
+    x, y = data()
+    plain, sharded = pair(jit_compile=True)
+    with pytest.warns(UserWarning, match="jit_compile=True.*without XLA"):
+        histories = [m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0) for m in (plain, sharded)]
+    assert_histories_equal(*histories)
+    assert_weights_equal(plain, sharded)
+
+
 def test_callbacks_early_stopping_checkpoint_tensorboard(tmp_path):
     x, y = data()
     plain, sharded = pair()

@@ -24,8 +24,9 @@ def test_the_core_imports_without_tensorflow():
 def test_this_tier_runs_without_tensorflow():
     """The fast tier (python -m pytest tests/pure) runs its tests without ever importing TensorFlow."""
     root = pathlib.Path(__file__).parents[2]
-    code = ("import sys, pytest; "
-            "code = pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/pure', '--ignore=tests/pure/test_imports.py']); "
+    code = ("import sys, pytest; "  # -n 0: in this process, not in xdist workers the check could not see
+            "code = pytest.main(['-q', '-n', '0', '-p', 'no:cacheprovider', 'tests/pure', "
+            "'--ignore=tests/pure/test_imports.py']); "
             "print('LOADED' if 'tensorflow' in sys.modules else 'CLEAN'); sys.exit(int(code))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stdout[-2000:]

@@ -137,8 +137,8 @@ def test_a_client_that_dies_makes_the_others_fail_clearly(launched, run, who):
     failed = re.search(rf"^\[client {who}\] client {who}: {'dying' if run == 'exit' else 'hanging'} on purpose "
                        r"\(--die_client\) at t=([\d.]+)", output, re.M)
     noticed = re.search(rf"client {other}: FAILED at t=([\d.]+) because another client failed \(\w+Error\): .*"
-                        r"Collective ops is aborted by: .*(Connection reset by peer|stopped sending heartbeats|"
-                        r"Heartbeat)", output)
+                        r"Collective ops is aborted by: .*(Connection reset by peer|Socket closed|"
+                        r"stopped sending heartbeats|Heartbeat)", output)
     assert failed and noticed, output[-4000:]
     assert float(noticed.group(1)) - float(failed.group(1)) < 30, output[-4000:]  # seconds
     assert exit_time(output, other)[0] == 3, output[-4000:]  # launch_local's "failed because another client did"

@@ -76,6 +76,11 @@ def _applications_layer(module, name):
 CASES = {
     "Dense-2d": Case(P(L.Dense, C), (FLAT,)),
     "Dense-3d": Case(P(L.Dense, C), (SEQUENCE,)),
+    "Dense-4d": Case(P(L.Dense, C), (IMAGE,)),  # ConvNeXt's pointwise convolutions
+    # Grouped convolutions (ConvNeXt's depthwise ones: groups = channels) run through hidden_conv.
+    "Conv2D-groups": Case(P(L.Conv2D, C, 3, padding="same", groups=C), (IMAGE,)),
+    "Conv2D-groups2": Case(P(L.Conv2D, 2 * C, 3, strides=2, padding="same", groups=2), (IMAGE,)),
+    "Conv1D-groups": Case(P(L.Conv1D, C, 3, padding="causal", groups=4), (SEQUENCE,)),
     "EinsumDense": Case(P(L.EinsumDense, "abc,cd->abd", output_shape=(S, C), bias_axes="d"), (SEQUENCE,)),
     "MaxPooling1D": Case(P(L.MaxPooling1D, 2), (SEQUENCE,)),
     "MaxPooling2D": Case(P(L.MaxPooling2D, 3, strides=2, padding="same"), (IMAGE,)),

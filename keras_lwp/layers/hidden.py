@@ -66,19 +66,19 @@ class HiddenConvRule(ConvRule):
         return result
 
     def implementation(self, info, config):
-        if info.config.get("groups", 1) > 1 and info.config.get("data_format", "channels_last") == "channels_last":
-            # Keras computes a grouped convolution on CPU in an XLA-compiled function, which DTensor runs
-            # to wrong values (a batch-split Conv2D with groups=16 trained 1e-2 away): always ours.
-            return hidden_conv
         hidden = [d for d in config if d != "sample"]
-        if not hidden:
-            return None  # a batch split: DTensor runs the layer's own convolution
         refused = [d for d in hidden if not self.supports(info, d)]
         if refused:
             raise unsupported_split(
                 info, refused, f"{info.config.get('data_format')}, groups={info.config.get('groups', 1)}, "
                 f"padding={padding_of(info)!r}", "channel and spatial splits of channels_last convolutions "
                 "(spatial ones for groups == 1 only)")
+        if info.config.get("groups", 1) > 1 and info.config.get("data_format", "channels_last") == "channels_last":
+            # Keras computes a grouped convolution on CPU in an XLA-compiled function, which DTensor runs
+            # to wrong values (a batch-split Conv2D with groups=16 trained 1e-2 away): always ours.
+            return hidden_conv
+        if not hidden:
+            return None  # a batch split: DTensor runs the layer's own convolution
         return hidden_conv
 
 

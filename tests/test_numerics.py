@@ -43,7 +43,7 @@ def make_data(model, samples, seed=0):
     return (xs[0] if len(xs) == 1 else xs), (ys[0] if len(ys) == 1 else ys)
 
 
-def train(model_name, optimizer_name, strategy=None, samples=BATCH * STEPS):
+def train(model_name, optimizer_name, strategy=None, samples=BATCH * STEPS, **compile_kwargs):
     """Losses per step, weights after training, evaluate and predict results."""
     keras.utils.set_random_seed(7)
     model = MODELS[model_name]()
@@ -53,7 +53,7 @@ def train(model_name, optimizer_name, strategy=None, samples=BATCH * STEPS):
             strategy = random_strategy(model, MESH, BATCH, seed=int(strategy[len("random"):]))
         keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=strategy, batch_size=BATCH)
     model.compile(OPTIMIZERS[optimizer_name](), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"] if len(model.outputs) == 1 else None)
+                  metrics=["accuracy"] if len(model.outputs) == 1 else None, **compile_kwargs)
     steps = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(dict(logs)))
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[record])
@@ -125,6 +125,14 @@ def test_random_layers_draw_what_one_device_draws(strategy):
 def test_attention_dropout_inside_a_layer_draws_what_one_device_draws():
     run = train("attention_dropout", "adam", "owt")
     assert_same(reference("attention_dropout", "adam"), run)
+
+
+@pytest.mark.parametrize("option", [{"steps_per_execution": 2}, {"jit_compile": True}], ids=["steps_per_execution", "jit"])
+@pytest.mark.filterwarnings("ignore:Model .* jit_compile=True:UserWarning")
+def test_compile_options_train_like_plain_keras_with_them(option):
+    """steps_per_execution (3 steps: an execution of 2, then one the data ends inside) and jit_compile
+    (plain Keras compiles its step with XLA; the parallelized steps run without it, and say so)."""
+    assert_same(train("branchy", "adam", **option), train("branchy", "adam", strategy="random0", **option))
 
 
 def test_partial_last_batch_is_trained_not_dropped():

@@ -66,6 +66,22 @@ TRAINING = (("training", True),)
 SEED = 3  # random layers: one seed for every copy, see the module docstring
 IMAGE, SEQUENCE, FLAT = (N, S, S, C), (N, S, C), (N, C)
 
+class TransformerBlock(keras.layers.Layer):
+    """A layer made of layers with no rule of its own (keras_lwp.layers.composite): attention and a
+    feed-forward with residuals and norms, named as keras_hub names them."""
+
+    def __init__(self, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.attention = L.MultiHeadAttention(2, 4, name="self_attention")
+        self.norm = L.LayerNormalization(name="norm")
+        self.intermediate = L.Dense(2 * C, activation="relu", name="feedforward_intermediate_dense")
+        self.output_dense = L.Dense(C, name="feedforward_output_dense")
+
+    def call(self, x):
+        x = self.norm(x + self.attention(x, x))
+        return x + self.output_dense(self.intermediate(x))
+
+
 def _applications_layer(module, name):
     """A layer class keras.applications defines for its models (not exported by keras.layers)."""
     import importlib
@@ -139,6 +155,8 @@ CASES = {
     "LayerScale": Case(lambda name=None: _applications_layer("convnext", "LayerScale")(0.5, C, name=name), (IMAGE,)),
     "CustomScaleLayer": Case(lambda name=None: _applications_layer("inception_resnet_v2", "CustomScaleLayer")(
         0.17, name=name), (IMAGE,) * 2, call="list"),
+    # A layer made of layers: sample and (Megatron-style) heads splits, run by its own call.
+    "composite": Case(TransformerBlock, (SEQUENCE,)),
     # Recurrences run unrolled over their (known) time steps: few steps keep the traces short.
     "SimpleRNN": Case(P(L.SimpleRNN, 4, return_sequences=True), ((N, 3, C),)),
     "LSTM": Case(P(L.LSTM, 4), ((N, 3, C),)),

@@ -60,8 +60,10 @@ def relayout(tensor, spec, mesh, source=None):
     if source is not None:
         source = fit_spec(source, shape, mesh_spec_of(mesh))
     if tensor.dtype == tf.bool:  # DTensor's all-to-all takes no booleans (a mask): move it as int32
-        moved = _exact_relayout(tf.cast(tensor, tf.int32), spec, mesh, source=source)
-        return tensor if moved is tensor else _marked(tf.cast(moved, tf.bool), spec)
+        as_int = tf.cast(tensor, tf.int32)
+        known = getattr(tensor, "_keras_lwp_spec", None) or source  # the cast drops the mark
+        moved = _exact_relayout(as_int, spec, mesh, source=known)
+        return tensor if moved is as_int else _marked(tf.cast(moved, tf.bool), spec)
     return _exact_relayout(tensor, spec, mesh, source=source)
 
 

@@ -100,4 +100,5 @@ def test_the_plans_split_the_blocks_by_heads():
     random = random_strategy(bert_classifier(), MESH, BATCH, seed=3, input_shapes=SHAPES)
     assert "heads" in dict(random["transformer_layer_0"])
     auto = keras_lwp.search(bert_classifier(), MESH, BATCH, input_shapes=SHAPES)
-    assert all("heads" in dict(auto[name]) for name in auto if name.startswith("transformer_layer"))
+    blocks = [name for name in auto if name.startswith("transformer_layer")]
+    assert len(blocks) == 2 and all("heads" in dict(auto[name]) for name in blocks)

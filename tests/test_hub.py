@@ -102,3 +102,22 @@ def test_the_plans_split_the_blocks_by_heads():
     auto = keras_lwp.search(bert_classifier(), MESH, BATCH, input_shapes=SHAPES)
     blocks = [name for name in auto if name.startswith("transformer_layer")]
     assert len(blocks) == 2 and all("heads" in dict(auto[name]) for name in blocks)
+
+
+def test_a_composite_layer_may_read_token_ids():
+    """TokenAndPositionEmbedding (made of layers) looks the integer ids up itself: planned, not refused."""
+    def run(parallel):
+        with precision.float64():
+            keras.utils.set_random_seed(2)
+            ids = keras.Input((LENGTH,), dtype="int32", name="ids")
+            x = keras_hub.layers.TokenAndPositionEmbedding(VOCABULARY, LENGTH, 8, name="embedding")(ids)
+            model = keras.Model(ids, keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling1D()(x)))
+            if parallel:
+                keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy="data", batch_size=BATCH)
+            model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            x, y = data()
+            model.fit(x["token_ids"], y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+            return [np.asarray(to_host(v.value)) for v in model.weights]
+
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

@@ -331,6 +331,16 @@ def agree(what, payload, advice=None):
     except Exception as error:  # noqa: BLE001 (a peer died or hangs after publishing)
         raise ClientFailedError(f"Client {me} waited for the others to compare {what} and they did not come "
                                 f"within {_TIMEOUT:g} s ({type(error).__name__}: {_tf_message(error)}).") from error
+    # Client 0 hosts the coordination service: it leaves last, once every other client has returned
+    # from the barrier (else a peer still in it sees the service vanish instead of the mismatch).
+    if me == 0:
+        for client in range(1, count):
+            try:
+                context.context().get_config_key_value(f"{prefix}/passed/{client}", timeout_in_ms=int(_TIMEOUT * 1000))
+            except Exception:  # noqa: BLE001 (that peer died after the barrier: nothing to wait for)
+                pass
+    else:
+        context.context().set_config_key_value(f"{prefix}/passed/{me}", "1")
     groups = {}
     for client, value in digests.items():
         groups.setdefault(value, []).append(client)

@@ -20,7 +20,7 @@ from keras_lwp.layout_search import (
     search,
 )
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository (tests/pure/this file)
 INF = math.inf
 
 

@@ -3,12 +3,13 @@
 For each registered layer class (Conv1D/Conv2D: tests/test_hidden_conv.py) a representative layer is
 built on inputs whose every dimension a 2-way mesh axis divides, and every configuration that
 `parallelize` can run on the 2x2x2 mesh of logical CPUs (`configurations(info, runnable_dims(dims),
-mesh)`) is checked: output, input gradients, weight gradients (and BatchNormalization's updated
+mesh)`), one per permutation class of the mesh axes (`one_per_axis_permutation`; all of them with
+KERAS_LWP_FULL_GRID=1), is checked: output, input gradients, weight gradients (and BatchNormalization's updated
 moving statistics) equal a plain single-device copy of the layer with the same weights within 1e-5
 relative. Each device's block is compared with the reference's block, so replicas that disagree
 fail too.
 
-How, cheaply (tracing is most of the cost: about 1,000 configurations): per layer case, one
+How, cheaply (tracing is most of the cost: about 430 configurations): per layer case, one
 functional model holds one copy of the layer per configuration (same inputs, same weights), one
 `parallelize` pins each copy to its configuration, and tf.functions of a few copies each run the
 wrapped copies (the code path `fit` runs) under a GradientTape, each fed its inputs laid out as its
@@ -22,6 +23,7 @@ copy draws the same numbers: each configuration must apply the single-device mas
 
 import dataclasses
 import functools
+import os
 
 import keras
 import numpy as np
@@ -38,6 +40,8 @@ from tests.conftest import require_devices
 from tests.test_hidden_conv import CONV_CLASSES
 
 MESH = {"x": 2, "y": 2, "z": 2}
+# Every configuration, not one per permutation of the (equal) mesh axes: KERAS_LWP_FULL_GRID=1 (~5x longer).
+FULL_GRID = os.environ.get("KERAS_LWP_FULL_GRID") == "1"
 SPEC = MeshSpec(tuple(MESH.items()))
 N, S, C = 8, 8, 8  # batch, spatial extent, channels: each divides by any mesh axis
 GROUP = 4  # configurations per tf.function: larger ones compiled slower per configuration (BatchNormalization)
@@ -218,7 +222,29 @@ def case_info(case_id):
 @functools.lru_cache(maxsize=None)
 def case_configs(case_id):
     info = case_info(case_id)
-    return tuple(configurations(info, runnable_dims(registered_rule(info).dimensions(info)), SPEC))
+    every = configurations(info, runnable_dims(registered_rule(info).dimensions(info)), SPEC)
+    return every if FULL_GRID else one_per_axis_permutation(every)
+
+
+def one_per_axis_permutation(configs):
+    """One configuration per set of split dimensions (and axes per dimension).
+
+    The mesh's axes all have size 2, so a configuration and its image under a permutation of the axes
+    (n=x,c=y and n=y,c=z) run the same program on relabelled devices. The representative rotates over
+    each class, so every dimension is still split along every axis somewhere in the grid.
+    """
+    classes = {}
+    for config in configs:
+        shape = tuple(sorted((dim, len(axes)) for dim, axes in _axes_of(config).items()))
+        classes.setdefault(shape, []).append(config)
+    return tuple(members[index % len(members)] for index, members in enumerate(classes.values()))
+
+
+def _axes_of(config):
+    axes = {}
+    for dim, axis in config.items():
+        axes.setdefault(dim, []).append(axis)
+    return axes
 
 
 def config_id(config):

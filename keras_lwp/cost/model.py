@@ -114,11 +114,13 @@ class AnalyticCostModel(CostModel):
             compute += self._roofline(flops, 3.0 * io_bytes)
             out = call.outputs[0]
             out_shard = out.nbytes / self.mesh.parts(place.output_layout(out))
-            transfer += allreduce_time(out_shard, place.output_partial_axes(), self.mesh, self.profile)
+            reductions = place.partial_sums()
+            transfer += reductions * allreduce_time(out_shard, place.output_partial_axes(), self.mesh, self.profile)
             for index, tensor in enumerate(call.inputs):
                 if is_float(tensor.dtype):
                     shard = tensor.nbytes / self.mesh.parts(place.input_layout(index, tensor))
-                    transfer += allreduce_time(shard, place.input_grad_partial_axes(index), self.mesh, self.profile)
+                    transfer += reductions * allreduce_time(shard, place.input_grad_partial_axes(index), self.mesh,
+                                                            self.profile)
             transfer += self._halo_time(place, call)
             transfer += self._stats_time(place, info)
         sync = 0.0

@@ -14,7 +14,8 @@
 - t_s: the gradient all-reduce over the axes that split the work but not the weight, from the
   fitted collectives (keras_lwp.cost.collectives), plus the optimizer's update of the weights'
   shards, measured. DTensor all-reduces the weight gradients inside the measured backward pass, so
-  t_c is the measured time less the fitted all-reduce: the sum is what was measured.
+  t_c is the measured time less the fitted all-reduce: the sum is what was measured (or the
+  all-reduce alone, if noise measured the layer below it).
 - t_x: relayouts between layers (forward, and their gradient backward) from the fitted all-gather
   and all-to-all; a layer's own communication (partial sums, halos) is inside its t_c.
 - overhead: what a training step costs besides its layers (fit's loop, the loss, the labels, the
@@ -245,10 +246,10 @@ class ProfiledCostModel(CostModel):
                 shard = weight.nbytes / self.mesh.parts(place.weight_layout(index))
                 allreduce += self.collectives.allreduce_time(shard, place.weight_grad_partial_axes(index))
         # DTensor all-reduced the gradients inside the measured backward pass: split the measured time
-        # into the all-reduce the fitted collectives predict (at most all of it) and the rest.
-        allreduce = min(allreduce, measured)
+        # into the all-reduce the fitted collectives predict and the rest. A tiny layer measured below
+        # that all-reduce (timing noise from other work on the cores) costs at least the all-reduce.
         update = self._update_seconds(info, place)
-        return LayerCost(measured - allreduce, allreduce + update, 0.0, analytic.memory)
+        return LayerCost(max(measured - allreduce, 0.0), allreduce + update, 0.0, analytic.memory)
 
     def transfer_table(self, tensor, src_layouts, dst_layouts):
         table = np.empty((len(src_layouts), len(dst_layouts)))

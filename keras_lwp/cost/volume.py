@@ -59,14 +59,15 @@ def layer_bytes(place, mesh):
     its weight gradients."""
     info = place.info
     total = 0.0
+    reductions = place.partial_sums()
     for call in info.calls:
         for out in call.outputs:
-            total += allreduce_bytes(out.nbytes / mesh.parts(place.output_layout(out)),
-                                     place.output_partial_axes(), mesh)
+            total += reductions * allreduce_bytes(out.nbytes / mesh.parts(place.output_layout(out)),
+                                                  place.output_partial_axes(), mesh)
         for index, tensor in enumerate(call.inputs):
             if is_float(tensor.dtype):
-                total += allreduce_bytes(tensor.nbytes / mesh.parts(place.input_layout(index, tensor)),
-                                         place.input_grad_partial_axes(index), mesh)
+                total += reductions * allreduce_bytes(tensor.nbytes / mesh.parts(place.input_layout(index, tensor)),
+                                                      place.input_grad_partial_axes(index), mesh)
         total += 2 * mesh.size * halo_bytes(place, call, mesh)
         if place.stats_axes():
             channels = info.output.shape[-1] / mesh.parts(

@@ -49,6 +49,10 @@ class DimSpec:
         whole_gradient: the weights split along this dimension get their gradient whole along it (an
             IndexedSlices over the whole weight, which the optimizer densifies), so its synchronization
             carries the unsplit extent (Embedding's vocabulary split).
+        partial_sums: how many times a pass all-reduces a partial sum of the output (forward) or of
+            an input's gradient (backward) under a split of it where they are partial: 1 for a
+            layer, one per row-parallel product for a layer made of layers (a transformer block
+            all-reduces after its attention and after its feed-forward).
     """
 
     name: str
@@ -60,6 +64,7 @@ class DimSpec:
     stats: bool = False
     runs: str = DTENSOR
     whole_gradient: bool = False
+    partial_sums: int = 1
 
     def __post_init__(self):
         if self.runs not in (DTENSOR, KERAS_LWP, COSTED):
@@ -278,6 +283,11 @@ class Placement:
     def input_grad_partial_axes(self, index):
         """Mesh axes over which the gradient of input `index` is a partial sum (all-reduced backward)."""
         return tuple(axis for d, axis in self.split if index >= len(d.inputs) or d.inputs[index] is None)
+
+    def partial_sums(self):
+        """How many all-reduces of the output (forward) and of an input gradient (backward) a pass
+        makes over the partial axes (DimSpec.partial_sums; 1 when nothing is partial)."""
+        return max((d.partial_sums for d, _ in self.split if d.output is None), default=1)
 
     def weight_grad_partial_axes(self, index):
         """Mesh axes over which weight `index`'s gradient is a partial sum: gradient synchronization."""

@@ -12,8 +12,8 @@ checks them like any rule). Two dimensions:
   (and biases) by heads, the attention output kernel by its heads (a row-parallel product, all-reduced
   by DTensor), the feed-forward's intermediate and gate kernels by columns, its output kernel by rows.
   The block's input and output stay whole along the split: the output is a partial sum (all-reduced),
-  as is the input's gradient. The cost model prices one all-reduce each way; a block with attention
-  and a feed-forward makes two.
+  as is the input's gradient: one all-reduce each way per row-parallel product (two for a block
+  with attention and a feed-forward, `DimSpec.partial_sums`).
 Any weight the names below do not place stays whole; DTensor still computes it exactly.
 """
 
@@ -55,8 +55,10 @@ class CompositeRule(LayerRule):
         placed = [w.shape[a] for w, a in zip(info.weights, axes) if a is not None]
         attention = any(w.name.endswith("attention_output/kernel") for w in info.weights)
         if attention and placed:
+            # One all-reduce per row-parallel product (each attention's output, each feed-forward's).
+            row_parallel = sum(1 for w, a in zip(info.weights, axes) if a == 0 and w.name.endswith("/kernel"))
             dims.append(DimSpec(name="heads", size=math.gcd(*placed), output=None,
-                                inputs=tuple(None for _ in info.inputs), weights=axes))
+                                inputs=tuple(None for _ in info.inputs), weights=axes, partial_sums=max(1, row_parallel)))
         return dims
 
     def forward_flops(self, info, call):

@@ -156,7 +156,8 @@ def _check_float_inputs(graph):
             info = graph.nodes[consumer]["info"]
             as_data = any(in_index == 0 for _, _, in_index, _ in graph.edges[name, consumer]["tensors"])
             # A layer made of layers (keras_hub's TokenAndPositionEmbedding) may look its ids up itself.
-            if as_data and has_rule_for(info) and not is_composite(info) and "Embedding" not in info.rule_names:
+            if (as_data and has_rule_for(info) and not is_composite(info)
+                    and not any(n.endswith("Embedding") for n in info.rule_names)):
                 raise ValueError(
                     f"Input '{name}' has dtype {tensor.dtype}, but the layer that reads it ('{info.name}', "
                     f"{info.class_name}) computes in floats. Declare the input as keras.Input(..., dtype='float32') "

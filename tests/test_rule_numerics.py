@@ -23,6 +23,8 @@ copy draws the same numbers: each configuration must apply the single-device mas
 
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import os
 
 import keras
@@ -56,6 +58,7 @@ class Case:
     `call`: "one" layer(x), "list" layer([x0, x1, ...]) (merge layers), "args" layer(x0, x1, ...)
     (attention: query, value, key). `kwargs` go to every call (training). `vocabulary`: the inputs are
     integer ids below it (no input gradient). `state`: non-trainable weights the call updates.
+    `input_gradients=False`: the output does not depend on the inputs' values (PositionEmbedding).
     """
 
     make: object
@@ -64,6 +67,7 @@ class Case:
     kwargs: tuple = ()
     vocabulary: int = 0
     state: tuple = ()
+    input_gradients: bool = True
 
 
 TRAINING = (("training", True),)
@@ -88,8 +92,6 @@ class TransformerBlock(keras.layers.Layer):
 
 def _applications_layer(module, name):
     """A layer class keras.applications defines for its models (not exported by keras.layers)."""
-    import importlib
-
     return getattr(importlib.import_module(f"keras.src.applications.{module}"), name)
 
 
@@ -171,10 +173,30 @@ CASES = {
     "ConvLSTM1D": Case(P(L.ConvLSTM1D, 2, 3, padding="same"), ((N, 2, 4, 2),)),
     "ConvLSTM2D": Case(P(L.ConvLSTM2D, 2, 3, padding="same", return_sequences=True), ((N, 2, 4, 4, 2),)),
     "ConvLSTM3D": Case(P(L.ConvLSTM3D, 2, 3, padding="same"), ((N, 2, 2, 4, 4, 2),)),
+    # Transformers' leaf layers (keras_lwp.layers.hub): the token embedding forward and in reverse (an
+    # LM head tied to it), RMS normalization.
+    "ReversibleEmbedding": Case(P(L.ReversibleEmbedding, 20, C), ((N, S),), vocabulary=20),
+    "ReversibleEmbedding-reverse": Case(P(L.ReversibleEmbedding, 20, C), (SEQUENCE,),
+                                        kwargs=(("reverse", True),)),
+    "RMSNormalization": Case(P(L.RMSNormalization), (SEQUENCE,)),
 }
+HUB_LAYERS = {  # keras_hub's own (keras_hub is in the test extra)
+    "PositionEmbedding": ("keras_hub.layers", dict(sequence_length=S)),
+    "LlamaLayerNorm": ("keras_hub.src.models.llama.llama_layernorm", {}),
+    "MistralLayerNormalization": ("keras_hub.src.models.mistral.mistral_layer_norm", {}),
+    "QwenLayerNorm": ("keras_hub.src.models.qwen.qwen_layernorm", {}),
+    "Phi3LayerNorm": ("keras_hub.src.models.phi3.phi3_layernorm", {}),
+    "T5LayerNorm": ("keras_hub.src.models.t5.t5_layer_norm", {}),
+}
+if importlib.util.find_spec("keras_hub") is not None:
+    for _name, (_module, _kwargs) in HUB_LAYERS.items():
+        _cls = getattr(importlib.import_module(_module), _name)
+        CASES[_name] = Case(lambda name=None, cls=_cls, kwargs=_kwargs: cls(name=name, **kwargs), (SEQUENCE,),
+                            input_gradients=_name != "PositionEmbedding")
 # InputLayer computes nothing: its configuration is how a batch is packed (test_input_layer_packs_...).
 COVERED_ELSEWHERE = {**{name: "tests/test_hidden_conv.py" for name in CONV_CLASSES},
-                     "InputLayer": "test_input_layer_packs_batches"}
+                     "InputLayer": "test_input_layer_packs_batches",
+                     **{name: "here, when keras_hub is installed" for name in HUB_LAYERS if name not in CASES}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -269,7 +291,7 @@ def _data(case, rng):
 
 
 def _watched(case, tensors):
-    return [] if case.vocabulary else list(tensors)
+    return [] if case.vocabulary or not case.input_gradients else list(tensors)
 
 
 def _reference(case_id, weights, data, cotangent):
@@ -387,7 +409,7 @@ GRID = [(case_id, config) for case_id in CASES for config in case_configs(case_i
 def _names(case_id):
     case = CASES[case_id]
     _, layer = _single(case_id)
-    inputs = [] if case.vocabulary else [f"input {i} gradient" for i in range(len(case.shapes))]
+    inputs = [f"input {i} gradient" for i in range(len(case.shapes))] if _watched(case, case.shapes) else []
     return ["output", *inputs, *(f"{w.path.split('/', 1)[-1]} gradient" for w in layer.trainable_weights),
             *(f"updated {name}" for name in case.state)]
 

@@ -71,7 +71,7 @@ def allreduce_time(nbytes, axes, mesh, profile):
     if k <= 1 or nbytes == 0:
         return 0.0
     link = profile.link_for_axes(mesh, axes)
-    return 2.0 * (k - 1) / k * nbytes / link.bandwidth + 2.0 * (k - 1) * link.latency
+    return 2.0 * (k - 1) / k * nbytes / link.bandwidth + 2.0 * (k - 1) * link.latency + profile.collective_overhead
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -85,7 +85,7 @@ def relayout_coefficients(src, dst, mesh, profile):
     axes = tuple(sorted(moved_axes))
     link = profile.link_for_axes(mesh, axes)
     peers = mesh.parts(axes)
-    return fraction / link.bandwidth, (peers - 1) * link.latency
+    return fraction / link.bandwidth, (peers - 1) * link.latency + profile.collective_overhead
 
 
 def relayout_time(nbytes, src, dst, mesh, profile):

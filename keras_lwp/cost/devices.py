@@ -33,6 +33,8 @@ class DeviceProfile:
         inter_node: the link between nodes.
         concurrent_devices: how many devices really compute at once (None: all). Logical CPU devices
             share the machine's cores, so 8 of them on 2 cores take turns.
+        collective_overhead: fixed seconds every collective costs besides its links' latency (the
+            logical CPU devices of one process synchronize their threads for each one).
         sources: where the numbers come from.
     """
 
@@ -45,6 +47,7 @@ class DeviceProfile:
     intra_node: Link
     inter_node: Link
     concurrent_devices: object = None
+    collective_overhead: float = 0.0
     sources: str = field(default="", compare=False)
 
     @property
@@ -129,8 +132,12 @@ PROFILES = {
         intra_node=Link(latency=50e-6, bandwidth=0.1 * GB),
         inter_node=Link(latency=50e-6, bandwidth=0.1 * GB),
         concurrent_devices=2,
+        # cost_model="profiled" fitted this machine's in-process all-reduces to 0.5 ms (2 devices), 1.0 ms
+        # (4) and 0.7-1.4 ms (8) fixed each: about 0.5 ms of thread synchronization plus the ring's hops.
+        collective_overhead=0.5e-3,
         sources="measured on the project's 2-core machine, TF 2.21, 8 logical CPU devices (docs/design.md); "
-                "memory bandwidth and latency assumed; cost_model=\"profiled\" measures them",
+                "collective overhead from the profiled cost model's fitted collectives; memory bandwidth "
+                "assumed; cost_model=\"profiled\" measures them",
     ),
 }
 

@@ -8,6 +8,7 @@ from keras_lwp.layers import einsum_dense  # noqa: F401  (EinsumDense's column- 
 from keras_lwp.layers import hidden_depthwise  # noqa: F401  (DepthwiseConv's sample, channel, spatial splits)
 from keras_lwp.layers import recurrent  # noqa: F401  (RNNs: sample split, run unrolled)
 from keras_lwp.layers import composite  # noqa: F401  (layers made of layers: sample and attention-heads splits)
+from keras_lwp.layers import hub  # noqa: F401  (keras_hub's embeddings and norms, by class name)
 from keras_lwp.layers.base import (
     COSTED,
     DTENSOR,

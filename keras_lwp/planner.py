@@ -58,7 +58,8 @@ def search(model, mesh, batch_size=None, strategy="auto", *, overrides=None, pro
             executes); "full" adds the rest of every rule's dimensions (the paper's whole space),
             for planning and simulation.
         hidden_dimensions: let "auto" choose splits keras_lwp computes itself because DTensor
-            refuses them (a convolution's channels and rows). Off by default: on the emulated CPU
+            refuses them (a convolution's channels and rows; sample splits keras_lwp computes, such
+            as AveragePooling's, are always allowed). Off by default: on the emulated CPU
             mesh the analytic cost model rates them faster than they run; cost_model="profiled" measures them.
             Overrides and explicit strategies may use them either way.
         memory_limit: bytes one device may hold (keras_lwp.cost.memory: weights, gradients, Adam's
@@ -336,7 +337,7 @@ class Problem:
         each search stays exact; a plan off that frontier can be missed, never a wrong fit)."""
         pins = self.pins(overrides)
         allowed = dict(self.configs) if hidden_dimensions else {
-            name: [c for c in configs if not self._implemented(name, c)] for name, configs in self.configs.items()}
+            name: [c for c in configs if not self._hidden(name, c)] for name, configs in self.configs.items()}
         allowed.update({name: [config] for name, config in pins.items()})
         graph = self.cost_graph(allowed)
         assignment, _ = layout_search.optimal_assignment(graph)
@@ -393,10 +394,12 @@ class Problem:
             total = total + self.layer_memory(name, assignment[name])
         return total
 
-    def _implemented(self, name, config):
-        """Whether `config` uses a split the layer's rule computes itself (not DTensor's kernel)."""
-        implemented = {d.name for d in self.dims[name] if d.by_keras_lwp}
-        return any(dim in implemented for dim in config)
+    def _hidden(self, name, config):
+        """Whether `config` uses a hidden dimension: a split other than the samples' that the layer's
+        rule computes itself (not DTensor's kernel). A sample split keras_lwp computes (AveragePooling,
+        grouped convolutions) exchanges nothing and is what "data" runs, so "auto" may always use it."""
+        hidden = {d.name for d in self.dims[name] if d.by_keras_lwp and d.name != "sample"}
+        return any(dim in hidden for dim in config)
 
     def pins(self, overrides):
         """{layer name: configuration} of the overrides ({name or fnmatch pattern: {dimension: axis}})."""

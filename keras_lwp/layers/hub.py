@@ -55,8 +55,9 @@ class PositionEmbeddingRule(LayerRule):
             return []
         for call in info.calls:
             kwargs = _call_kwargs(call)
-            if kwargs.get("positions") is not None or kwargs.get("start_index", 0) != 0:
-                return []
+            start = kwargs.get("start_index", 0)
+            if kwargs.get("positions") is not None or not isinstance(start, int) or start != 0:
+                return []  # rows picked at run time (a tensor start or positions): run whole
         return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=(0,), weights=(None,)),
                 DimSpec(name="channel", size=y.shape[2], output=2, inputs=(2,), weights=(1,))]
 

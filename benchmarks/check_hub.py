@@ -131,19 +131,29 @@ def numerics(name, mesh, strategy):
 
 
 def timing(name, mesh):
-    """Median steady step seconds of one device and each strategy, in float32, rounds interleaved
-    (forward and reverse order in turn), each contender built and warmed up once."""
+    """({contender: median steady step seconds}, {strategy: its blocks' configurations}) of one device
+    and each strategy, in float32, rounds interleaved (forward and reverse order in turn), each
+    contender built and warmed up once."""
+    import keras_lwp
+
     contenders = {"one device": make(name, mesh, None)}
     for strategy in FLAGS.strategies:
         contenders[strategy] = make(name, mesh, strategy)
     for model, data in contenders.values():
         fit_steps(model, data, 2)  # tracing
+    blocks = {key: blocks_of(keras_lwp.strategy_of(model))
+              for key, (model, _) in contenders.items() if key != "one device"}
     seconds = {key: [] for key in contenders}
     for round_index in range(FLAGS.rounds):
         order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
         for key in order:
             seconds[key] += fit_steps(*contenders[key], FLAGS.timed_steps)
-    return {key: statistics.median(values) for key, values in seconds.items()}
+    return {key: statistics.median(values) for key, values in seconds.items()}, blocks
+
+
+def blocks_of(plan):
+    """The configurations the plan gives the transformer blocks."""
+    return sorted({str(plan[n]) for n in plan if n.startswith(("transformer", "vit_encoder"))})
 
 
 def main(argv):
@@ -174,15 +184,16 @@ def main(argv):
                 worst = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, weights)) / scale
                 worst_all = max(worst_all, worst)
                 split = sum(1 for c in plan.values() if c)
-                blocks = sorted({str(plan[n]) for n in plan if n.startswith(("transformer", "vit_encoder"))})
-                print(f"{name:<6} {mesh_text:<4} {strategy:<5} {split}/{len(plan)} layers split, blocks {blocks}  "
+                print(f"{name:<6} {mesh_text:<4} {strategy:<5} {split}/{len(plan)} layers split, blocks {blocks_of(plan)}  "
                       f"worst weight error {worst:.1e}", flush=True)
             if FLAGS.rounds <= 0:
                 continue
             keras.config.set_floatx("float32")
             keras.config.set_dtype_policy("float32")
-            times = timing(name, mesh)
+            times, timed_blocks = timing(name, mesh)
             figures = "  ".join(f"{key} {seconds * 1e3:.0f} ms" for key, seconds in times.items())
+            print(f"{name:<6} {mesh_text:<4} float32 plans: " + "  ".join(
+                f"{key} blocks {plan}" for key, plan in timed_blocks.items()), flush=True)
             line = f"{name:<6} {mesh_text:<4} float32 steady step: {figures}"
             others = [times[s] for s in FLAGS.strategies if not s.startswith("auto")]
             if "auto" in times and others:

@@ -127,3 +127,13 @@ def test_a_composite_layer_may_read_token_ids():
 
     for got, want in zip(run(True), run(False)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_position_embedding_read_from_an_offset_runs_whole():
+    """Rows chosen by a start index (a cache's offset) run whole; from the start they split."""
+    inputs = keras.Input((LENGTH, 8), name="hidden")
+    shifted = keras_hub.layers.PositionEmbedding(2 * LENGTH, name="shifted")(inputs, start_index=3)
+    plain = keras_hub.layers.PositionEmbedding(LENGTH, name="plain")(inputs)
+    model = keras.Model(inputs, keras.layers.Add(name="add")([inputs, shifted, plain]))
+    plan = keras_lwp.search(model, MESH, BATCH, strategy="data")
+    assert plan["shifted"] == keras_lwp.Config({}) and "sample" in dict(plan["plain"])

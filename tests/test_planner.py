@@ -192,3 +192,17 @@ def test_search_takes_a_real_dtensor_mesh():
     mesh = keras_lwp.make_mesh(MESH)
     plan = keras_lwp.search(models.mlp(), mesh, batch_size=64)
     assert plan.mesh.axes in ((("x", 4), ("y", 2)), (("xy", 8),))
+
+
+def test_a_weight_no_call_reads_is_not_synchronized():
+    """An untied ReversibleEmbedding called forward only never trains its reverse table: its data-parallel
+    gradient all-reduce and update are the plain Embedding's (no phantom all-reduce for the unused table)."""
+    def model(layer):
+        ids = keras.Input((16,), dtype="int32", name="ids")
+        return keras.Model(ids, keras.layers.Dense(4, name="head")(layer(ids)))
+
+    untied = keras.layers.ReversibleEmbedding(512, 64, tie_weights=False, name="table")
+    plain = keras.layers.Embedding(512, 64, name="table")
+    costs = [keras_lwp.search(model(layer), MESH, batch_size=16, strategy="data").layers["table"]
+             for layer in (untied, plain)]
+    assert costs[0].sync == pytest.approx(costs[1].sync, rel=1e-9) and costs[1].sync > 0

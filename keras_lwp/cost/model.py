@@ -104,7 +104,7 @@ class AnalyticCostModel(CostModel):
     def layer_cost(self, info, rule, dims, config):
         place = Placement(info, dims, config, self.mesh)
         shards = place.shards()
-        has_weights = any(w.trainable for w in info.weights)
+        has_weights = any(place.trained)
         compute = transfer = 0.0
         for call in info.calls:
             flops = rule.forward_flops(info, call) / shards
@@ -129,7 +129,7 @@ class AnalyticCostModel(CostModel):
         gradient_groups = {}
         for index, weight in enumerate(info.weights):
             shard = weight.nbytes / self.mesh.parts(place.weight_layout(index))
-            if weight.trainable:
+            if place.trained[index]:
                 axes = place.weight_grad_partial_axes(index)
                 gradient = weight.nbytes / self.mesh.parts(place.weight_grad_layout(index))
                 gradient_groups[axes] = gradient_groups.get(axes, 0.0) + gradient

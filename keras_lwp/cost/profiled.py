@@ -242,7 +242,7 @@ class ProfiledCostModel(CostModel):
         place = Placement(info, dims, config, self.mesh)
         allreduce = 0.0
         for index, weight in enumerate(info.weights):
-            if weight.trainable:
+            if place.trained[index]:
                 shard = weight.nbytes / self.mesh.parts(place.weight_layout(index))
                 allreduce += self.collectives.allreduce_time(shard, place.weight_grad_partial_axes(index))
         # DTensor all-reduced the gradients inside the measured backward pass: split the measured time

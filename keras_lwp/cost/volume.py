@@ -74,7 +74,7 @@ def layer_bytes(place, mesh):
                 tuple(a for d, a in place.config.items() if d == "channel"))
             total += 2 * allreduce_bytes(2 * 4 * channels, place.stats_axes(), mesh)
     for index, weight in enumerate(info.weights):
-        if weight.trainable:
+        if place.trained[index]:
             total += allreduce_bytes(weight.nbytes / mesh.parts(place.weight_layout(index)),
                                      place.weight_grad_partial_axes(index), mesh)
     return total

@@ -94,6 +94,11 @@ class LayerRule:
     def forward_flops(self, info, call):
         return float(sum(_numel(t.shape) for t in call.outputs))
 
+    def trained_weights(self, info):
+        """Per weight, whether training computes its gradient (and so synchronizes and updates it):
+        its `trainable` flag, unless no call of the layer reads it."""
+        return tuple(w.trainable for w in info.weights)
+
     def implementation(self, info, config):
         """How to run the layer under `config` when DTensor cannot shard its own call: a function
         `(layer, placement, mesh, *call_args, **call_kwargs) -> outputs` built from ops DTensor does
@@ -230,6 +235,7 @@ class Placement:
         self.mesh = mesh
         by_name = {d.name: d for d in dims}
         self.split = [(by_name[dim], axis) for dim, axis in config.items()]
+        self._trained = None
 
     def _layout(self, rank, axis_of):
         layout = [None] * rank
@@ -271,6 +277,13 @@ class Placement:
             return d.weights[index] % len(shape)
 
         return self._layout(len(shape), axis_of)
+
+    @property
+    def trained(self):
+        """Per weight, whether training computes its gradient (LayerRule.trained_weights)."""
+        if self._trained is None:
+            self._trained = registered_rule(self.info).trained_weights(self.info)
+        return self._trained
 
     def shards(self):
         """How many pieces the layer's work is cut into (the product of the used axes' sizes)."""

@@ -38,6 +38,17 @@ class ReversibleEmbeddingRule(LayerRule):
             dims.append(DimSpec(name="length", size=y.shape[1], output=1, inputs=(1,), weights=none))
         return dims
 
+    def trained_weights(self, info):
+        """The table gets a gradient from a lookup (or a tied reverse call); an untied reverse table
+        only from a reverse call: a backbone whose LM head is another layer never trains it."""
+        reverse = any(_call_kwargs(call).get("reverse") for call in info.calls)
+        forward = any(not _call_kwargs(call).get("reverse") for call in info.calls)
+        untied = any(w.name.endswith("reverse_embeddings") for w in info.weights)
+        used = []
+        for w in info.weights:
+            used.append(w.trainable and (reverse if w.name.endswith("reverse_embeddings") else forward or not untied))
+        return tuple(used)
+
     def forward_flops(self, info, call):
         out = call.outputs[0]
         if _call_kwargs(call).get("reverse"):

@@ -184,7 +184,8 @@ def main(argv):
                 worst = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, weights)) / scale
                 worst_all = max(worst_all, worst)
                 split = sum(1 for c in plan.values() if c)
-                print(f"{name:<6} {mesh_text:<4} {strategy:<5} {split}/{len(plan)} layers split, blocks {blocks_of(plan)}  "
+                print(f"{name:<6} {mesh_text:<4} {strategy:<5} {split}/{len(plan)} layers split, "
+                      f"blocks {blocks_of(plan)}  "
                       f"worst weight error {worst:.1e}", flush=True)
             if FLAGS.rounds <= 0:
                 continue
@@ -204,7 +205,8 @@ def main(argv):
     print(f"goal: every model equal to one device within 1e-9 (float64): {'met' if worst_all <= 1e-9 else 'MISSED'} "
           f"(worst {worst_all:.1e})")
     if slowest is not None:
-        print(f"goal: auto at least as fast as the best of {', '.join(s for s in FLAGS.strategies if not s.startswith('auto'))} "
+        baselines = ", ".join(s for s in FLAGS.strategies if not s.startswith("auto"))
+        print(f"goal: auto at least as fast as the best of {baselines} "
               f"(within 5% noise) on every model and mesh: {'met' if slowest >= 0.95 else 'MISSED'} "
               f"(worst auto/best ratio {slowest:.2f}x)")
 

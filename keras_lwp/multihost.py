@@ -331,28 +331,35 @@ def agree(what, payload, advice=None):
     except Exception as error:  # noqa: BLE001 (a peer died or hangs after publishing)
         raise ClientFailedError(f"Client {me} waited for the others to compare {what} and they did not come "
                                 f"within {_TIMEOUT:g} s ({type(error).__name__}: {_tf_message(error)}).") from error
-    # Client 0 hosts the coordination service: it leaves last, once every other client has returned
-    # from the barrier (else a peer still in it sees the service vanish instead of the mismatch).
+    groups = {}
+    for client, value in digests.items():
+        groups.setdefault(value, []).append(client)
+    if len(groups) > 1:
+        _leave_together(prefix, me, count)
+        mine = groups[digest]
+        others = sorted(c for c in digests if c not in mine)
+        raise ClientMismatchError(
+            f"The clients do not agree on {what}: clients {mine} have one (sha256 {digest[:12]}), clients "
+            f"{others} another. " + (advice or "Every client must run the same program on the same data."))
+
+
+def _leave_together(prefix, me, count):
+    """Before every client raises the same mismatch: client 0, which hosts the coordination service,
+    leaves last, once every other client is out of the barrier (else a peer still in it sees the
+    service vanish instead of the mismatch). Bounded waits; a peer that died is not waited for."""
+    from tensorflow.python.eager import context
+
     if me == 0:
         for client in range(1, count):
             try:
                 context.context().get_config_key_value(f"{prefix}/passed/{client}", timeout_in_ms=int(_TIMEOUT * 1000))
             except Exception:  # noqa: BLE001 (that peer died after the barrier: nothing to wait for)
                 pass
-    else:
-        try:
-            context.context().set_config_key_value(f"{prefix}/passed/{me}", "1")
-        except Exception:  # noqa: BLE001 (client 0 read it and left before this call returned: the digests
-            pass           # are already here, so the comparison below still stands)
-    groups = {}
-    for client, value in digests.items():
-        groups.setdefault(value, []).append(client)
-    if len(groups) > 1:
-        mine = groups[digest]
-        others = sorted(c for c in digests if c not in mine)
-        raise ClientMismatchError(
-            f"The clients do not agree on {what}: clients {mine} have one (sha256 {digest[:12]}), clients "
-            f"{others} another. " + (advice or "Every client must run the same program on the same data."))
+        return
+    try:
+        context.context().set_config_key_value(f"{prefix}/passed/{me}", "1")
+    except Exception:  # noqa: BLE001 (client 0 read it and left before this call returned: every digest
+        pass           # is already here, so the mismatch stands)
 
 
 def broadcast_from_first_client(arrays, mesh):

@@ -90,3 +90,14 @@ def mobile_block(size=8):
     x = keras.layers.AveragePooling2D(2, name="avgpool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     return keras.Model(inputs, keras.layers.Dense(5, name="head")(x), name="mobile_block")
+
+
+def pooled_cnn(size=32):
+    """Layers whose sample split keras_lwp computes itself (AveragePooling, a grouped convolution):
+    "data" splits them, and so may the default "auto" (it does at 32x32, batch 16, on 4x2)."""
+    inputs = keras.Input((size, size, 8), name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.AveragePooling2D(2, name="avg_pool")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", groups=4, name="grouped")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="pooled_cnn")

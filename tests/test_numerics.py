@@ -26,6 +26,7 @@ MODELS = {
     "branchy": models.branchy,
     "transformer": models.transformer_block,
     "mobile": models.mobile_block,
+    "pooled": models.pooled_cnn,
     "noisy": models.noisy_cnn,
     "attention_dropout": functools.partial(models.transformer_block, dropout=0.3),
 }
@@ -142,7 +143,8 @@ def test_attention_dropout_inside_a_layer_draws_what_one_device_draws():
     assert_same(reference("attention_dropout", "adam"), run)
 
 
-@pytest.mark.parametrize("option", [{"steps_per_execution": 2}, {"jit_compile": True}], ids=["steps_per_execution", "jit"])
+@pytest.mark.parametrize("option", [{"steps_per_execution": 2}, {"jit_compile": True}],
+                         ids=["steps_per_execution", "jit"])
 @pytest.mark.filterwarnings("ignore:Model .* jit_compile=True:UserWarning")
 def test_compile_options_train_like_plain_keras_with_them(option):
     """steps_per_execution (3 steps: an execution of 2, then one the data ends inside) and jit_compile

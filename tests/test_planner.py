@@ -11,21 +11,8 @@ from keras_lwp.layers import UnknownLayerWarning
 from tests import models
 
 MESH = {"x": 4, "y": 2}
-
-
-def pooled_cnn():
-    """Layers whose sample split keras_lwp computes itself (AveragePooling, a grouped convolution):
-    "data" splits them, so the default "auto" must be able to as well."""
-    inputs = keras.Input((16, 16, 8), name="image")
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
-    x = keras.layers.AveragePooling2D(2, name="avg_pool")(x)
-    x = keras.layers.Conv2D(16, 3, padding="same", groups=4, name="grouped")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
-
-
 MODELS = {
-    "pooled_cnn": (pooled_cnn, 64),
+    "pooled_cnn": (models.pooled_cnn, 64),
     "mlp": (models.mlp, 64),
     "small_cnn": (models.small_cnn, 32),
     "branchy": (models.branchy, 16),

@@ -58,7 +58,8 @@ class CompositeRule(LayerRule):
             # One all-reduce per row-parallel product (each attention's output, each feed-forward's).
             row_parallel = sum(1 for w, a in zip(info.weights, axes) if a == 0 and w.name.endswith("/kernel"))
             dims.append(DimSpec(name="heads", size=math.gcd(*placed), output=None,
-                                inputs=tuple(None for _ in info.inputs), weights=axes, partial_sums=max(1, row_parallel)))
+                                inputs=tuple(None for _ in info.inputs), weights=axes,
+                                partial_sums=max(1, row_parallel)))
         return dims
 
     def forward_flops(self, info, call):

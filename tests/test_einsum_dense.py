@@ -16,6 +16,8 @@ from keras_lwp.layers import Placement, base, configurations, einsum_dense, regi
 from keras_lwp.mesh import mesh_spec_of
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 def test_the_split_rule_is_the_registered_one():
     assert isinstance(base._RULES["EinsumDense"], einsum_dense.SplitEinsumDenseRule)
 

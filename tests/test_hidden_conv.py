@@ -25,6 +25,8 @@ from keras_lwp.placement import to_host, to_mesh
 from tests.conftest import require_devices
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 CONV_CLASSES = ("Conv1D", "Conv2D")
 
 

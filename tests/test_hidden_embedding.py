@@ -22,6 +22,8 @@ from keras_lwp.mesh import mesh_spec_of
 from keras_lwp.placement import to_host
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 VOCABULARY, WIDTH = 16, 8
 
 

@@ -29,6 +29,8 @@ from tests.conftest import require_devices
 from tests import precision
 from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 POOL_CLASSES = ("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D")
 def test_the_hidden_rule_is_the_registered_one():
     for name in POOL_CLASSES:

@@ -20,6 +20,8 @@ from keras_lwp.placement import to_host  # noqa: E402
 from keras_lwp.planner import random_strategy  # noqa: E402
 from tests import precision  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 MESH = {"x": 4, "y": 2}
 BATCH, LENGTH, VOCABULARY = 8, 16, 50
 SHAPES = {"token_ids": (LENGTH,), "segment_ids": (LENGTH,), "padding_mask": (LENGTH,)}

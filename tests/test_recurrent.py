@@ -16,6 +16,8 @@ from keras_lwp.planner import random_strategy
 from keras_lwp.placement import to_host
 from tests import precision
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 MESH = {"x": 4, "y": 2}
 BATCH = 8
 L = keras.layers
@@ -76,8 +78,8 @@ def run(model_name, strategy=None):
 
 
 # Every model under a random plan (which mixes the rules' splits); the plain LSTM and the stacked
-# recurrences also under the plans users get from "data" and "auto".
-CASES = [("lstm", "data"), ("lstm", "auto"), ("lstm", "random"), ("stacked", "auto"), ("stacked", "random"),
+# recurrences also under "auto" (test_input_shapes_fix_an_open_sequence_length trains the LSTM under "data").
+CASES = [("lstm", "auto"), ("lstm", "random"), ("stacked", "auto"), ("stacked", "random"),
          ("conv_lstm", "random"), ("bidirectional", "random")]
 
 

@@ -41,6 +41,8 @@ from keras_lwp.placement import to_mesh
 from tests.conftest import require_devices
 from tests.test_hidden_conv import CONV_CLASSES
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 MESH = {"x": 2, "y": 2, "z": 2}
 # Every configuration, not one per permutation of the (equal) mesh axes: KERAS_LWP_FULL_GRID=1 (~5x longer).
 FULL_GRID = os.environ.get("KERAS_LWP_FULL_GRID") == "1"
@@ -200,18 +202,6 @@ COVERED_ELSEWHERE = {**{name: "tests/test_hidden_conv.py" for name in CONV_CLASS
                      "InputLayer": "test_input_layer_packs_batches",
                      **{name.split("-")[0]: "here, when keras_hub is installed"
                         for name in HUB_LAYERS if name not in CASES}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_grappler():
-    """Grappler off while this module compiles its functions: it is 60% of their compile time here
-    and rewrites only the per-device graphs DTensor has already expanded, preserving their values.
-    With it on, every case here passed too (2-core machine: 117 s of CPU against 66 s), and
-    test_numerics trains the common configurations with it on."""
-    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    yield
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
 
 
 # -- building the copies -------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from keras_lwp.mesh import MeshSpec
 from keras_lwp.placement import to_host
 from tests import plan_fuzz, precision
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 MESH = {"x": 4, "y": 2}
 BATCH = 8
 STEPS = 4

@@ -40,8 +40,9 @@ def require_devices(count):
 def without_grappler():
     """Grappler off while functions compile inside: it is about half of a DTensor step's compile time
     here (9.5 s of 20 s for test_hub's BERT step) and rewrites only the per-device graphs DTensor has
-    already expanded, preserving their values. The gold tests (test_numerics*) and test_parallelize
-    compile what users run, with it on; the files that sweep plans, rules and relayouts turn it off."""
+    already expanded, preserving their values. The gold tests' named strategies (test_numerics*),
+    the relayout conformance test and the profiler compile what users run, with it on; the files that
+    sweep random plans, rules and fit's options turn it off."""
     import tensorflow as tf
 
     before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)

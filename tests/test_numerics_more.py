@@ -8,7 +8,9 @@ import keras_lwp
 from tests import models
 from tests.test_numerics import BATCH, MESH, check_gold, gold_cases
 
-GOLD = gold_cases(["branchy", "transformer"])
+# Momentum (an optimizer matter, not a layer one) on the branchy model; the transformer, the costliest
+# to compile, runs Adam under every strategy.
+GOLD = gold_cases(["branchy"]) + gold_cases(["transformer"], momentum=False)
 
 
 @pytest.mark.parametrize("model_name,strategy,optimizer_name", GOLD, ids=["-".join(case) for case in GOLD])

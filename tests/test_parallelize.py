@@ -13,6 +13,8 @@ from keras_lwp.placement import to_host
 from tests import models
 from tests.conftest import require_devices
 
+pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
+
 MESH = {"x": 4, "y": 2}
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -12,7 +12,9 @@ flattened mesh, and "auto" searches both the given mesh and the flattened one an
 plan: it is never predicted slower than a baseline.
 """
 
+import contextlib
 import fnmatch
+import gc
 import math
 from collections.abc import Mapping
 
@@ -75,7 +77,8 @@ def search(model, mesh, batch_size=None, strategy="auto", *, overrides=None, pro
     """
     spec = mesh_spec_of(mesh)
     batch_size = _batch_size(model, spec, batch_size)
-    graph = layer_graph(model, batch_size, input_shapes)
+    with _garbage_collection(False):
+        graph = layer_graph(model, batch_size, input_shapes)
     return plan_graph(graph, spec, batch_size, strategy, overrides=overrides, profile=profile, cost_model=cost_model,
                       strict=strict, space=space, hidden_dimensions=hidden_dimensions, memory_limit=memory_limit,
                       optimizer=getattr(model, "optimizer", None))
@@ -89,6 +92,28 @@ def plan_graph(graph, mesh, batch_size, strategy="auto", *, overrides=None, prof
                strict=False, space="runnable", hidden_dimensions=False, memory_limit=None, optimizer=None):
     """`search` from an already-read layer graph (keras_lwp.graph.layer_graph) and a MeshSpec;
     `optimizer` is the one a "profiled" cost model times the update of."""
+    with _garbage_collection(False):
+        return _plan_graph(graph, mesh, batch_size, strategy, overrides=overrides, profile=profile,
+                           cost_model=cost_model, strict=strict, space=space, hidden_dimensions=hidden_dimensions,
+                           memory_limit=memory_limit, optimizer=optimizer)
+
+
+@contextlib.contextmanager
+def _garbage_collection(enabled):
+    """Python's cyclic collector on or off inside, then as it was. Planning allocates about a million
+    small objects and no cycles that matter; with a model (and TensorFlow) in memory, each full
+    collection they trigger walks every object of the process: a quarter of InceptionV3's plan time.
+    A profiled cost model's measurements run with it on (`Problem.prepare`)."""
+    before = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        yield
+    finally:
+        (gc.enable if before else gc.disable)()
+
+
+def _plan_graph(graph, mesh, batch_size, strategy, *, overrides, profile, cost_model, strict, space,
+                hidden_dimensions, memory_limit, optimizer):
     spec = mesh_spec_of(mesh)
     if space not in ("runnable", "full"):
         raise ValueError(f"space must be 'runnable' or 'full'. Received: space={space!r}")
@@ -276,6 +301,7 @@ class Problem:
             self.configs[name] = configurations(info, self.dims[name], mesh)
         self._layer_costs = {}
         self._placements = {}
+        self._edge_costs = {}  # (u, v, config of u, config of v): t_x
 
     # -- costs -------------------------------------------------------------------------------
     def layer_cost(self, name, config):
@@ -305,12 +331,20 @@ class Problem:
             table += unique[np.ix_(src_index, dst_index)]
         return table
 
+    def edge_cost(self, u, v, config_u, config_v):
+        """t_x of edge (u, v) under one pair of configurations (the cost tables fill this cache)."""
+        key = (u, v, config_u, config_v)
+        if key not in self._edge_costs:
+            self._edge_costs[key] = float(self.edge_table(u, v, [config_u], [config_v])[0, 0])
+        return self._edge_costs[key]
+
     def prepare(self, allowed):
         """Let the cost model measure, at once, every layer configuration the tables will ask for."""
         requests = [(self.graph.nodes[name]["info"], self.rules[name], self.dims[name], config)
                     for name in self.nodes for config in allowed[name] if (name, config) not in self._layer_costs]
         if requests:
-            self.cost_model.prepare(requests)
+            with _garbage_collection(True):  # a profiled model runs TensorFlow here, for minutes
+                self.cost_model.prepare(requests)
 
     def cost_graph(self, allowed):
         """The search's input: node and edge cost tables as layout_search.optimal_assignment takes them."""
@@ -326,8 +360,9 @@ class Problem:
             if u == v:
                 continue
             table = self.edge_table(u, v, allowed[u], allowed[v])
-            g.add_edge(u, v, costs={(cu, cv): float(table[i, j]) for i, cu in enumerate(allowed[u])
-                                    for j, cv in enumerate(allowed[v])})
+            costs = {(cu, cv): float(table[i, j]) for i, cu in enumerate(allowed[u]) for j, cv in enumerate(allowed[v])}
+            self._edge_costs.update(((u, v) + pair, cost) for pair, cost in costs.items())
+            g.add_edge(u, v, costs=costs)
         return g
 
     # -- strategies ----------------------------------------------------------------------------
@@ -467,7 +502,7 @@ class Problem:
             cost = self.layer_cost(node, assignment[node])
             incoming = 0.0
             for u in self.graph.predecessors(node):
-                incoming += float(self.edge_table(u, node, [assignment[u]], [assignment[node]])[0, 0])
+                incoming += self.edge_cost(u, node, assignment[u], assignment[node])
             layers[node] = LayerReport(class_name=self.graph.nodes[node]["info"].class_name, compute=cost.compute,
                                        sync=cost.sync, transfer=cost.transfer + incoming,
                                        memory=self.layer_memory(node, assignment[node]).total)
@@ -497,7 +532,7 @@ class Problem:
                 dst = self._placement(v, assignment[v]).input_layout(in_index, tensor)
                 relayout |= src != dst
                 nbytes += volume.edge_bytes(tensor, src, dst, self.mesh)
-            seconds = float(self.edge_table(u, v, [assignment[u]], [assignment[v]])[0, 0])
+            seconds = self.edge_cost(u, v, assignment[u], assignment[v])
             reports.append(EdgeReport(u, v, seconds, relayout, nbytes))
         return tuple(reports)
 

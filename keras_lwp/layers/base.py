@@ -354,5 +354,6 @@ def configurations(info, dims, mesh):
         if len(set(used)) != len(used):
             continue
         found.append(Config({d: axis for d, (axis, _) in zip(assignment, mesh.axes) if d is not None}))
-    found.sort(key=lambda c: (len(c), tuple((mesh.axis_names.index(a), d) for d, a in c.items())))
+    position = {axis: i for i, axis in enumerate(mesh.axis_names)}
+    found.sort(key=lambda c: (len(c), tuple((position[a], d) for d, a in c.items())))
     return found or [REPLICATED]

@@ -35,7 +35,7 @@ class Config(Mapping):
     ('{n=x, c=y}', 'x', True)
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_hash")
 
     def __init__(self, assignment=None):
         items = dict(assignment or {})
@@ -49,6 +49,7 @@ class Config(Mapping):
             if not isinstance(dim, str) or not isinstance(axis, str):
                 raise TypeError(f"Configuration entries are {{dimension: mesh axis}} strings. Received: {items}")
         object.__setattr__(self, "_items", tuple(sorted(items.items(), key=lambda kv: _dim_key(kv[0]))))
+        object.__setattr__(self, "_hash", hash(self._items))  # the search hashes configurations ~10^5 times
 
     def __setattr__(self, name, value):
         raise AttributeError("Config is read-only")
@@ -69,7 +70,10 @@ class Config(Mapping):
         return self._items
 
     def __hash__(self):
-        return hash(self._items)
+        return self._hash
+
+    def __reduce__(self):  # rebuilt, not copied: a string's hash differs between processes
+        return Config, (dict(self._items),)
 
     def __eq__(self, other):
         if isinstance(other, Config):

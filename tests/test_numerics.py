@@ -32,6 +32,7 @@ MODELS = {
     "noisy": models.noisy_cnn,
     "attention_dropout": functools.partial(models.transformer_block, dropout=0.3),
 }
+WITHOUT_GRAPPLER = {"transformer"}
 OPTIMIZERS = {
     "adam": lambda: keras.optimizers.Adam(1e-3),
     "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
@@ -52,6 +53,7 @@ def train(model_name, optimizer_name, strategy=None, samples=BATCH * STEPS, infe
     model = MODELS[model_name]()
     x, y = make_data(model, samples)
     random = isinstance(strategy, str) and strategy.startswith("random")
+    grappler = not random and model_name not in WITHOUT_GRAPPLER
     if strategy is not None:
         if random:
             strategy = random_strategy(model, MESH, BATCH, seed=int(strategy[len("random"):]))
@@ -61,8 +63,9 @@ def train(model_name, optimizer_name, strategy=None, samples=BATCH * STEPS, infe
     steps = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(dict(logs)))
     # What users run (one device, the named strategies) compiles with Grappler; random plans, which are
-    # here for the variety of their splits, compile without it (conftest.without_grappler).
-    with without_grappler() if random else contextlib.nullcontext():
+    # here for the variety of their splits, compile without it (conftest.without_grappler), and so does
+    # the transformer, the costliest to compile (the other models compile the named strategies with it).
+    with contextlib.nullcontext() if grappler or strategy is None else without_grappler():
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[record])
         evaluated = predicted = None
         if inference:

@@ -7,7 +7,9 @@ get_config and shape bookkeeping); then for 4, 8, 16 and 64 devices the planner 
 cost table and runs the exact search (auto searches both the 2-D mesh and the flattened one),
 median of 3 runs. Meshes are the P100 cluster's (4 GPUs per node), 32 samples per device; the
 configuration space is the paper's whole one by default (--space=full).
-Goals: Inception-v3 on 8 devices <= 0.4 s; ResNet-101 on 64 devices <= 5 s.
+Goals: Inception-v3 on 8 devices <= 0.4 s; ResNet-101 on 64 devices <= 5 s. Then (--defaults)
+`keras_lwp.search` as a user calls it, model to plan: Inception-v3 4x2 batch 64 <= 0.25 s and
+ResNet-152 8x8 (32 per device) <= 1 s.
 """
 
 import os
@@ -23,6 +25,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["alexnet", "vgg16", "inception_v3", "resnet101"], "Models to plan.")
 flags.DEFINE_list("devices", ["4", "8", "16", "64"], "Device counts.")
 flags.DEFINE_integer("repeats", 3, "Runs per measurement (the median is printed).")
+flags.DEFINE_bool("defaults", True, "Also time keras_lwp.search at defaults against issue 19's goals.")
 flags.DEFINE_enum("space", "full", ["full", "runnable"],
                   "full: the paper's whole space (convolutions split by channel and rows too); "
                   "runnable: what parallelize executes today.")
@@ -66,6 +69,37 @@ def main(argv):
                   f"{seconds:>7.3f} {'' if paper is None else f'{paper:.2f}':>14} "
                   f"{'' if goal is None else f'{goal:.1f}':>6}{verdict}  {plan.mesh}, {plan.cost.total * 1e3:.1f} ms/step",
                   flush=True)
+    if FLAGS.defaults:
+        defaults_table()
+
+
+# What a user's call costs at defaults (runnable space, analytic model), graph reading included: issue 19.
+DEFAULT_GOALS = [("inception_v3", {"x": 4, "y": 2}, 64, 0.25), ("resnet152", {"x": 8, "y": 8}, 2048, 1.0)]
+
+
+def defaults_table():
+    import keras
+
+    import keras_lwp
+
+    print("\nkeras_lwp.search(model, mesh, batch_size) at defaults, model to plan (median of --repeats):")
+    print(f"{'model':<13} {'mesh':<6} {'batch':>5} {'search s':>8} {'goal':>6}")
+    for name, mesh, batch, goal in DEFAULT_GOALS:
+        if name == "resnet152":
+            model = keras.applications.ResNet152(weights=None, input_shape=(224, 224, 3))
+        else:
+            from examples import zoo
+            model = zoo.build(name)
+        keras_lwp.search(model, mesh, batch)  # warm: Keras' first get_config and shape caches
+        times = []
+        for _ in range(FLAGS.repeats):
+            start = time.perf_counter()
+            keras_lwp.search(model, mesh, batch)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        mesh_text = "x".join(str(size) for size in mesh.values())
+        print(f"{name:<13} {mesh_text:<6} {batch:>5} {seconds:>8.3f} {goal:>6.2f} "
+              f"{'met' if seconds <= goal else 'not met'}", flush=True)
 
 
 if __name__ == "__main__":

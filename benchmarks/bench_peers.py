@@ -123,7 +123,8 @@ def worker(contender, name):
         model = keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=strategy,
                                       batch_size=FLAGS.batch_size, cost_model=cost_model)
         plan = keras_lwp.strategy_of(model)
-    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    softmax = getattr(model.layers[-1], "activation", None) is keras.activations.softmax  # keras.applications
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax))
     x, y = _data(model, FLAGS.steps + 1)
     ends = []
 

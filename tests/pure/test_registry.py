@@ -89,3 +89,21 @@ def test_the_planner_options_are_keywords():
         parameters = inspect.signature(function).parameters.values()
         positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
         assert positional[-1] == "strategy", (function.__name__, positional)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_planning_leaves_the_garbage_collector_as_it_found_it(enabled):
+    """The planner pauses Python's cyclic collector while it plans, and gives it back as it was, also
+    when planning raises."""
+    import gc
+
+    from keras_lwp.mesh import MeshSpec
+    from keras_lwp.planner import plan_graph
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(ValueError, match="space must be"):
+            plan_graph(None, MeshSpec((("x", 2),)), 8, space="everything")
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()

@@ -18,6 +18,7 @@ from tests.harness import assert_matches, mesh_2x2x2, parse, run_branches
 
 pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
 
+
 def test_the_split_rule_is_the_registered_one():
     assert isinstance(base._RULES["EinsumDense"], einsum_dense.SplitEinsumDenseRule)
 

@@ -3,7 +3,8 @@
 The pattern of PyTorch's `_compare_module`: the same model, data and optimizer run once on one device
 and once sharded on 8 logical CPU devices under each strategy; the loss of every step, every weight
 after three steps, evaluate and predict must agree within float tolerance. Adam and SGD with
-momentum both run, since DTensor once applied stale optimizer slots silently (docs/design.md).
+momentum both run, since DTensor once applied stale optimizer slots silently (docs/design.md); the
+momentum runs check training only (`check_gold`).
 """
 
 import contextlib

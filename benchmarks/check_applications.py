@@ -4,6 +4,7 @@ equal to the single-device step.
     python -m benchmarks.check_applications
     python -m benchmarks.check_applications --strategies data,model,owt,auto --head_scale 100
     python -m benchmarks.check_applications --models zoo --head_scale 100     # every model in ZOO, "auto"
+    python -m benchmarks.check_applications --models zoo --head_scale 100 --rounds 3   # and time the steps
 
 Slow (a minute or two per model on 2 cores), so it lives here rather than in the test suite. It runs
 in float64: these networks at init with batch 8 and 1x1 final feature maps are so ill-conditioned
@@ -26,11 +27,16 @@ flags.DEFINE_string("floatx", "float64", "Keras float type for both runs.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size (one step).")
 flags.DEFINE_list("strategies", ["auto"], "Strategies to compare with one device (auto, data, model, owt).")
 flags.DEFINE_float("input_scale", 1.0, "Scale of the random images.")
+flags.DEFINE_integer("rounds", 0, "Timing rounds after the float64 check (0: none): the float32 steady step "
+                     "of one device, \"data\" and \"auto\", interleaved, in this process.")
+flags.DEFINE_integer("timed_steps", 5, "fit steps per timing round (the first of each is left out).")
+flags.DEFINE_integer("timed_batch_size", 32, "Global batch size of the timed steps.")
 flags.DEFINE_float("head_scale", 1.0, "Factor on the classifier's last kernel: 100 saturates the softmax head "
                    "(loss far above ln 10), where a loss computed from probabilities instead of Keras' logits "
                    "would differ at once.")
 
-OWN_FLAGS = ("floatx", "batch_size", "strategies", "input_scale", "head_scale")
+OWN_FLAGS = ("floatx", "batch_size", "strategies", "input_scale", "head_scale", "rounds", "timed_steps",
+             "timed_batch_size")
 # keras.applications builder and the smallest input side it accepts; `--models zoo` runs them all.
 ZOO = {
     "resnet50": ("ResNet50", 32), "inception_v3": ("InceptionV3", 75), "vgg16": ("VGG16", 32),
@@ -90,6 +96,9 @@ def main(argv):
         for strategy in FLAGS.strategies:
             worst_all = max(worst_all, _compare(name, size, reference, _step(builders[name], size, x, y, strategy),
                                                 strategy))
+        del reference
+        if FLAGS.rounds > 0:
+            _time(name, builders[name], size)
     tolerance = 1e-9 if FLAGS.floatx == "float64" else 1e-5
     print(f"goal: equal within {tolerance:.0e} relative ({FLAGS.floatx}): "
           f"{'met' if worst_all <= tolerance else 'MISSED'} (worst {worst_all:.1e})")
@@ -116,6 +125,41 @@ def _step(builder, size, x, y, strategy):
     loss = model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0, shuffle=False).history["loss"][0]
     seconds = time.perf_counter() - start
     return loss, [np.asarray(to_host(v.value)) for v in model.weights], seconds, model
+
+
+def _time(name, builder, size):
+    """Prints the float32 steady step of one device, "data" and "auto" (8 logical devices share this
+    machine's cores, and the one-device model runs on one of them: the figures compare the plans with
+    each other and with one device's work, not with a machine without logical devices)."""
+    import keras
+    import numpy as np
+
+    import keras_lwp
+    from benchmarks.steady import interleaved_medians, timed_fit
+
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+    batch = FLAGS.timed_batch_size
+    rng = np.random.RandomState(1)
+    x = rng.rand(batch * (FLAGS.timed_steps + 1), size, size, 3).astype("float32")
+    y = rng.randint(0, 10, len(x))
+    models, splits = {}, {}
+    for strategy in (None, "data", "auto"):
+        keras.utils.set_random_seed(0)
+        model = builder(weights=None, input_shape=(size, size, 3), classes=10)
+        if strategy is not None:
+            keras_lwp.parallelize(model, keras_lwp.make_mesh({"x": 4, "y": 2}), strategy=strategy, batch_size=batch)
+            plan = keras_lwp.strategy_of(model)
+            splits[strategy] = f"{sum(1 for c in plan.values() if c)}/{len(plan)}"
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
+        timed_fit(model, x[:2 * batch], y[:2 * batch], batch)  # tracing
+        models[strategy or "one device"] = model
+    step = interleaved_medians(FLAGS.rounds, {
+        key: (lambda model=model: timed_fit(model, x, y, batch)["steps"]) for key, model in models.items()})
+    print(f"{name:<13} {size}x{size} float32 batch {batch} steady step: one device {step['one device'] * 1e3:.1f} ms  "
+          f"data {step['data'] * 1e3:.1f} ms ({splits['data']} split)  auto {step['auto'] * 1e3:.1f} ms "
+          f"({splits['auto']} split)  -> auto/one device {step['auto'] / step['one device']:.2f}x, "
+          f"data/auto {step['data'] / step['auto']:.2f}x", flush=True)
 
 
 def _compare(name, size, reference, run, strategy):

@@ -13,13 +13,13 @@ strategies with each other; the one-device figure runs on one of the 8 logical d
 """
 
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
+
+from benchmarks.steady import interleaved_medians, timed_fit  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["bert", "gpt2", "llama", "vit"], "keras_hub backbones.")
@@ -103,18 +103,10 @@ def fit_steps(model, data, steps):
     import numpy as np
 
     x, y = data
-    ends = []
-
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])  # the step's result read back: the step is done
-            ends.append(time.perf_counter())
-
     repeat = -(-steps * FLAGS.batch_size // len(y))
     x = keras.tree.map_structure(lambda a: np.concatenate([a] * repeat)[:steps * FLAGS.batch_size], x)
     y = np.concatenate([y] * repeat)[:steps * FLAGS.batch_size]
-    model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[StepTimer()])
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return timed_fit(model, x, y, FLAGS.batch_size)["steps"]
 
 
 def numerics(name, mesh, strategy):
@@ -143,12 +135,9 @@ def timing(name, mesh):
         fit_steps(model, data, 2)  # tracing
     blocks = {key: blocks_of(keras_lwp.strategy_of(model))
               for key, (model, _) in contenders.items() if key != "one device"}
-    seconds = {key: [] for key in contenders}
-    for round_index in range(FLAGS.rounds):
-        order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
-        for key in order:
-            seconds[key] += fit_steps(*contenders[key], FLAGS.timed_steps)
-    return {key: statistics.median(values) for key, values in seconds.items()}, blocks
+    medians = interleaved_medians(FLAGS.rounds, {
+        key: (lambda key=key: fit_steps(*contenders[key], FLAGS.timed_steps)) for key in contenders})
+    return medians, blocks
 
 
 def blocks_of(plan):

@@ -24,12 +24,13 @@ import numpy as np
 from keras_lwp import layout_search
 from keras_lwp.config import REPLICATED, Config
 from keras_lwp.cost import volume
+from keras_lwp.cost.calibration import default_profile
 from keras_lwp.cost.devices import get_profile
 from keras_lwp.cost.memory import Memory, layer_memory
 from keras_lwp.cost.model import COST_MODELS, AnalyticCostModel, CostModel, make_cost_model
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, check_dims, configurations, rule_for, runnable_dims
-from keras_lwp.mesh import mesh_spec_of
+from keras_lwp.mesh import MeshSpec, mesh_spec_of
 from keras_lwp.strategy import EdgeReport, LayerReport, Strategy, StrategyCost
 
 BASELINES = ("data", "model", "owt")
@@ -77,6 +78,9 @@ def search(model, mesh, batch_size=None, strategy="auto", *, overrides=None, pro
     """
     spec = mesh_spec_of(mesh)
     batch_size = _batch_size(model, spec, batch_size)
+    # A mesh object names devices this process has: price with them, calibrated; a shape plans for
+    # devices this machine may not have.
+    profile = default_profile(profile, cost_model, devices_present=not isinstance(mesh, (Mapping, str, MeshSpec)))
     with _garbage_collection(False):
         graph = layer_graph(model, batch_size, input_shapes)
     return plan_graph(graph, spec, batch_size, strategy, overrides=overrides, profile=profile, cost_model=cost_model,

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from keras_lwp import fit_loop, keras_internals, multihost, placement, wrapping
+from keras_lwp.cost.calibration import default_profile
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, dimensions_of, has_rule_for, is_composite
 from keras_lwp.mesh import make_mesh, mesh_spec_of
@@ -106,6 +107,7 @@ def parallelize(model, mesh, strategy="auto", *, overrides=None, batch_size=None
     _refuse_layers_dtensor_cannot_run(graph)
     if isinstance(strategy, str) and strategy.endswith(".json"):
         strategy = Strategy.from_json(strategy)
+    profile = default_profile(profile, cost_model, devices_present=True)
     plan = plan_graph(graph, spec, batch_size, strategy, overrides=overrides, profile=profile, cost_model=cost_model,
                       strict=strict, hidden_dimensions=hidden_dimensions, memory_limit=memory_limit,
                       optimizer=getattr(model, "optimizer", None))

@@ -8,6 +8,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Plans by the datasheet profile, the same on every machine: "analytic" otherwise calibrates on the
+# mesh's devices (keras_lwp.cost.calibration), and plans would follow the machine's speed.
+# tests/test_calibration.py checks the calibrated default itself.
+os.environ.setdefault("KERAS_LWP_PROFILE", "cpu-emulated")
 
 import contextlib  # noqa: E402
 import pathlib  # noqa: E402

@@ -143,15 +143,20 @@ PROFILES = {
 
 
 def get_profile(profile, mesh=None):
-    """A DeviceProfile from a name in PROFILES or a profile; None picks by the mesh's device type."""
+    """A DeviceProfile from a name in PROFILES, "calibrated" (keras_lwp.cost.calibration) or a profile;
+    None picks by the mesh's device type."""
     if isinstance(profile, DeviceProfile):
         return profile
+    if profile == "calibrated":  # measured on this process's devices (imports TensorFlow)
+        from keras_lwp.cost.calibration import calibrated_profile
+
+        return calibrated_profile(mesh)
     if profile is None:
         kind = getattr(mesh, "device_type", "CPU")
         profile = "cpu-emulated" if kind == "CPU" else "a100"
     if profile not in PROFILES:
         raise ValueError(
-            f"Unknown device profile {profile!r}. Known profiles: {', '.join(sorted(PROFILES))}; "
-            "or pass a keras_lwp.cost.DeviceProfile."
+            f"Unknown device profile {profile!r}. Known profiles: {', '.join(sorted(PROFILES))}, \"calibrated\" "
+            "(measured on this process's devices); or pass a keras_lwp.cost.DeviceProfile."
         )
     return PROFILES[profile]

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from keras_lwp import keras_internals, placement, wrapping
+from keras_lwp.cost.devices import get_profile
 from keras_lwp.cost.volume import is_float
 from keras_lwp.mesh import mesh_spec_of
 
@@ -209,20 +210,23 @@ class DeviceTimer:
         _collect_if_large(info, self.spec)  # the variables and slots just made, on every device
         return max(seconds, 0.0)
 
-    def fit_step(self, optimizer, batch, steps=10, epochs=5):
-        """Seconds per `fit` step of a one-Dense model parallelized "data" on this mesh (a 1-D mesh),
-        and that model's layer graph: a step's cost besides its layers, once its layers' are taken off."""
+    def fit_step(self, optimizer, batch, steps=10, epochs=5, model=None):
+        """Seconds per `fit` step of `model` (default a one-Dense model: a step's cost besides its
+        layers, once its layers' are taken off) parallelized "data" on this mesh (a 1-D mesh), and
+        that model's layer graph."""
         import keras
 
         from keras_lwp.graph import layer_graph
         from keras_lwp.runtime import parallelize  # the real fit loop is what is timed
 
-        inputs = keras.Input((1,), name="keras_lwp_probe_input")
-        tiny = keras.Model(inputs, keras.layers.Dense(2, name="keras_lwp_probe_dense")(inputs))
-        graph = layer_graph(tiny, batch)
-        parallelize(tiny, self.dmesh, strategy="data", batch_size=batch, cost_model="analytic")
-        tiny.compile(fresh_optimizer(optimizer), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        x = np.zeros((batch * steps, 1), "float32")
+        if model is None:
+            inputs = keras.Input((1,), name="keras_lwp_probe_input")
+            model = keras.Model(inputs, keras.layers.Dense(2, name="keras_lwp_probe_dense")(inputs))
+        graph = layer_graph(model, batch)
+        # A profile given: "data" needs no calibration (which times this very step).
+        parallelize(model, self.dmesh, strategy="data", batch_size=batch, profile=get_profile(None, self.spec))
+        model.compile(fresh_optimizer(optimizer), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = np.zeros((batch * steps,) + tuple(model.input_shape[1:]), "float32")
         y = np.zeros((batch * steps,), "int32")
 
         class EpochTimer(keras.callbacks.Callback):
@@ -239,7 +243,7 @@ class DeviceTimer:
         seconds = []
         # Arrays, as most fit calls get; one call, the first epoch traces and warms up. The timer leaves
         # out making and dropping the epoch's data iterator (a cost per epoch, not per step).
-        tiny.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[EpochTimer()])
+        model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[EpochTimer()])
         return steady(seconds[1:]), graph
 
 

@@ -1,0 +1,145 @@
+"""A device profile calibrated on the real mesh in seconds: the figures the analytic cost model
+prices with, measured instead of read from a datasheet.
+
+The analytic model prices a layer from its FLOPs and bytes and a link's latency and bandwidth. The
+datasheet figures can be far off on a given machine, and what matters for a plan is their ratio: on
+this project's 2-core machine the "cpu-emulated" profile priced ResNet50's compute 8x too cheap
+against its all-reduces, so "auto" replicated layers and measured 4x the step of data parallelism.
+`calibrated_profile` measures on the mesh's own devices, with `ProfiledCostModel`'s timer and cache:
+
+- links: the all-reduce over the whole mesh at three sizes, fitted to latency + bytes / bandwidth and
+  read as a ring (keras_lwp.cost.comm.allreduce_time);
+- fit's overhead per step (ProfiledCostModel.step_overhead);
+- compute: a small CNN's whole training step, data parallel through the real fit loop; the FLOP rate
+  is its FLOPs per device over that time less its communication and overhead, so the devices'
+  sharing of the machine's cores is inside the figure (no `concurrent_devices` slowdown on top).
+
+About 15 s on that machine, cached per machine and mesh. `default_profile` makes it what "analytic"
+uses when the mesh's devices are in this process (keras_lwp.planner, keras_lwp.runtime).
+"""
+
+import dataclasses
+import os
+
+from keras_lwp.config import Config
+from keras_lwp.cost.devices import DeviceProfile, Link, get_profile
+from keras_lwp.cost.model import AnalyticCostModel
+from keras_lwp.layers import dimensions_of, rule_for
+from keras_lwp.mesh import mesh_spec_of
+
+CALIBRATION_VERSION = 1
+# Per-device batch of the probes: the few samples a device gets from a typical global batch.
+PROBE_SAMPLES = 4
+
+_calibrated = {}  # (MeshSpec, cache dir) -> DeviceProfile, for this process
+
+
+def _probe_model():
+    """A small CNN whose training step calibration times: convolutions from wide-and-shallow to
+    narrow-and-deep (where CPU kernels are least efficient), normalization, a Dense head."""
+    import keras
+
+    layers = keras.layers
+    x = inputs = keras.Input((16, 16, 32), name="keras_lwp_probe_images")
+    for filters in (64, 128, 256):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(512, activation="relu")(x)
+    return keras.Model(inputs, layers.Dense(10)(x), name="keras_lwp_probe")
+
+
+def default_profile(profile, cost_model, devices_present):
+    """The profile "analytic" prices with when the caller gave none: $KERAS_LWP_PROFILE if set (a
+    profile name, e.g. "cpu-emulated" to plan with the datasheet figures, as the test suite does);
+    else "calibrated" when the mesh's devices are in this process (single-client: clients that
+    calibrated apart could plan apart); else None, the profile of the mesh's device type."""
+    if profile is not None or cost_model not in (None, "analytic"):
+        return profile
+    if os.environ.get("KERAS_LWP_PROFILE"):
+        return os.environ["KERAS_LWP_PROFILE"]
+    if devices_present:
+        from keras_lwp import multihost
+
+        if not multihost.is_multi_client():
+            return "calibrated"
+    return None
+
+
+def calibrated_profile(mesh, cache_dir=None, progress=True):
+    """The DeviceProfile of `mesh` (a dtensor.Mesh, or the MeshSpec of devices this process has),
+    measured once per machine and mesh and cached (see the module docstring)."""
+    spec = mesh_spec_of(mesh)
+    key = (spec, cache_dir)
+    if key not in _calibrated:
+        _calibrated[key] = _calibrate(spec, cache_dir, progress)
+    return _calibrated[key]
+
+
+def _calibrate(spec, cache_dir, progress):
+    from keras_lwp.cost.cache import digest
+    from keras_lwp.cost.profiled import ProfiledCostModel
+
+    base = get_profile(None, spec)
+    if spec.size <= 1:
+        return dataclasses.replace(base, concurrent_devices=None)
+    profiler = ProfiledCostModel(spec, cache_dir=cache_dir, progress=False, rounds=3)
+    key = digest(["calibration", CALIBRATION_VERSION, profiler._mesh_key()])
+    found = profiler.cache.get("calibration", key)
+    if found is None:
+        found = _measure(spec, profiler, progress)
+        profiler.cache.put("calibration", key, found)
+        profiler.cache.save()
+    link = Link(latency=found["latency"], bandwidth=found["bandwidth"])
+    return dataclasses.replace(
+        base, name=f"calibrated {spec}", flops=found["flops"], efficiency=1.0,
+        intra_node=link, inter_node=link, concurrent_devices=None,
+        collective_overhead=0.0,
+        sources=f"calibrated on {spec} of this machine (keras_lwp.cost.calibration); memory capacity from "
+                f"the {base.name!r} profile")
+
+
+def _measure(spec, profiler, progress):
+    import keras
+
+    if progress:
+        print(f"keras_lwp: calibrating the cost model on {spec} (once per machine and mesh; cached in "
+              f"{profiler.cache.path})")
+    bar = keras.utils.Progbar(3, verbose=1 if progress else 0, unit_name="measurement")
+    flat = spec.flattened()
+    sibling = profiler.for_mesh(flat)
+    # Links: the all-reduce over every mesh axis, read as a ring (keras_lwp.cost.comm.allreduce_time):
+    # 2 (k-1)/k of the buffer over each link, 2 (k-1) hops.
+    allreduce = sibling.collectives.fit("allreduce", (flat.axes[0][0],))
+    k = spec.size
+    bandwidth = 2.0 * (k - 1) / k / max(allreduce.seconds_per_byte, 1e-15)
+    latency = allreduce.latency / (2.0 * (k - 1))
+    bar.add(1)
+    overhead = sibling.step_overhead
+    bar.add(1)
+    # Compute: the probe's whole training step, data parallel through the real fit loop, less its
+    # gradient all-reduces, update and fit's overhead, over its FLOPs per device. Timed inside a
+    # whole step, not layer by layer: a layer alone keeps its tensors in cache and runs several times
+    # faster than it does between other layers.
+    model = _probe_model()
+    batch = PROBE_SAMPLES * k
+    seconds, graph = sibling.timer.fit_step(profiler.optimizer, batch, model=model)
+    link = Link(latency=latency, bandwidth=bandwidth)
+    unit = AnalyticCostModel(flat, DeviceProfile(
+        name="unit", flops=1.0, efficiency=1.0, memory_bandwidth=float("inf"), memory_bytes=1.0,
+        devices_per_node=k, intra_node=link, inter_node=link))
+    sample = Config({"sample": flat.axes[0][0]})
+    flops = communication = 0.0
+    for name in graph:
+        info = graph.nodes[name]["info"]
+        cost = unit.layer_cost(info, rule_for(info), dimensions_of(info), sample)
+        flops += cost.compute
+        communication += cost.transfer + cost.sync  # the unit profile's updates take no time
+    bar.add(1)
+    compute_seconds = max(seconds - overhead - communication, 0.1 * seconds)
+    return {"flops": flops / compute_seconds, "bandwidth": bandwidth, "latency": latency}
+
+
+__all__ = ["calibrated_profile", "default_profile"]

@@ -119,6 +119,8 @@ def _garbage_collection(enabled):
 def _plan_graph(graph, mesh, batch_size, strategy, *, overrides, profile, cost_model, strict, space,
                 hidden_dimensions, memory_limit, optimizer):
     spec = mesh_spec_of(mesh)
+    if profile == "calibrated":  # once, on the given mesh: its flattened version is the same devices
+        profile = get_profile(profile, spec)
     if space not in ("runnable", "full"):
         raise ValueError(f"space must be 'runnable' or 'full'. Received: space={space!r}")
     _check_batch(graph, spec, batch_size)

@@ -30,7 +30,7 @@ def fresh(monkeypatch, tmp_path):
 def test_calibrated_profile_is_measured_once_then_read_from_the_cache(fresh, monkeypatch):
     mesh = keras_lwp.make_mesh({"x": 4, "y": 2})
     profile = calibration.calibrated_profile(mesh, progress=False)
-    assert profile.name == "calibrated Mesh(x=4, y=2, CPU)"
+    assert profile.name == "calibrated on Mesh(x=4, y=2, CPU)"
     for value in (profile.flops, profile.intra_node.bandwidth, profile.intra_node.latency):
         assert math.isfinite(value) and value > 0
     assert profile.concurrent_devices is None  # the devices' sharing of the cores is inside the figures
@@ -47,14 +47,15 @@ def test_parallelize_calibrates_by_default_and_search_on_a_shape_does_not(fresh)
     assert planned.profile == "cpu-emulated"  # a shape: devices this machine may not have
 
     model = keras_lwp.parallelize(small_model(), mesh, batch_size=16)
-    assert keras_lwp.strategy_of(model).profile == "calibrated Mesh(x=4, y=2, CPU)"
+    # Calibrated once, on the mesh given, also for the flattened mesh "auto" searches beside it.
+    assert keras_lwp.strategy_of(model).profile == "calibrated on Mesh(x=4, y=2, CPU)"
     model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     history = model.fit(rng.standard_normal((32, 8, 8, 3)).astype("float32"), rng.integers(0, 4, 32),
                         batch_size=16, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     # The same devices given as a mesh object to search: calibrated, read from the cache just written.
-    assert keras_lwp.search(small_model(), mesh, batch_size=16).profile == "calibrated Mesh(x=4, y=2, CPU)"
+    assert keras_lwp.search(small_model(), mesh, batch_size=16).profile == "calibrated on Mesh(x=4, y=2, CPU)"
 
 
 def test_the_environment_pins_the_default_profile(monkeypatch):

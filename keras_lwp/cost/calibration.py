@@ -27,7 +27,7 @@ from keras_lwp.cost.model import AnalyticCostModel
 from keras_lwp.layers import dimensions_of, rule_for
 from keras_lwp.mesh import mesh_spec_of
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: float32 probe with deep convolutions on 2x2 maps
 # Per-device batch of the probes: the few samples a device gets from a typical global batch.
 PROBE_SAMPLES = 4
 
@@ -35,20 +35,22 @@ _calibrated = {}  # (MeshSpec, cache dir) -> DeviceProfile, for this process
 
 
 def _probe_model():
-    """A small CNN whose training step calibration times: convolutions from wide-and-shallow to
-    narrow-and-deep (where CPU kernels are least efficient), normalization, a Dense head."""
+    """A small CNN whose training step calibration times, in float32 whatever Keras' default: from
+    wide, shallow convolutions down to deep ones on 2x2 maps (where CPU kernels run slowest per
+    FLOP, and which a plan may replicate), normalization, a Dense head."""
     import keras
 
     layers = keras.layers
-    x = inputs = keras.Input((16, 16, 32), name="keras_lwp_probe_images")
-    for filters in (64, 128, 256):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("relu")(x)
-        x = layers.MaxPooling2D()(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dense(512, activation="relu")(x)
-    return keras.Model(inputs, layers.Dense(10)(x), name="keras_lwp_probe")
+    x = inputs = keras.Input((16, 16, 32), dtype="float32", name="keras_lwp_probe_images")
+    for filters, kernel in ((64, 3), (128, 3), (256, 3), (512, 3), (1024, 1)):
+        x = layers.Conv2D(filters, kernel, padding="same", use_bias=False, dtype="float32")(x)
+        x = layers.BatchNormalization(dtype="float32")(x)
+        x = layers.Activation("relu", dtype="float32")(x)
+        if x.shape[1] > 2:
+            x = layers.MaxPooling2D(dtype="float32")(x)
+    x = layers.GlobalAveragePooling2D(dtype="float32")(x)
+    x = layers.Dense(512, activation="relu", dtype="float32")(x)
+    return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="keras_lwp_probe")
 
 
 def default_profile(profile, cost_model, devices_present):
@@ -94,7 +96,7 @@ def _calibrate(spec, cache_dir, progress):
         profiler.cache.save()
     link = Link(latency=found["latency"], bandwidth=found["bandwidth"])
     return dataclasses.replace(
-        base, name=f"calibrated {spec}", flops=found["flops"], efficiency=1.0,
+        base, name=f"calibrated on {spec}", flops=found["flops"], efficiency=1.0,
         intra_node=link, inter_node=link, concurrent_devices=None,
         collective_overhead=0.0,
         sources=f"calibrated on {spec} of this machine (keras_lwp.cost.calibration); memory capacity from "

@@ -14,7 +14,7 @@ against its all-reduces, so "auto" replicated layers and measured 4x the step of
   is its FLOPs per device over that time less its communication and overhead, so the devices'
   sharing of the machine's cores is inside the figure (no `concurrent_devices` slowdown on top).
 
-About 15 s on that machine, cached per machine and mesh. `default_profile` makes it what "analytic"
+About 30 s on that machine, cached per machine and mesh. `default_profile` makes it what "analytic"
 uses when the mesh's devices are in this process (keras_lwp.planner, keras_lwp.runtime).
 """
 

@@ -84,6 +84,17 @@ class LayerInfo:
                 break
         return tuple(names)
 
+    @functools.cached_property
+    def signature(self):
+        """A hashable key of everything the layer's costs, layouts and memory depend on: class and
+        rule lookup, Keras configuration less its name, weights and every call's tensors. Identical
+        layers (the repeated blocks of a ResNet: 517 layers, 48 signatures) share it, so the planner
+        prices each kind once. Read once the graph is complete."""
+        weights = tuple((w.shape, w.dtype, w.trainable) for w in self.weights)
+        calls = tuple((c.inputs, c.outputs, c.input_gradients) for c in self.calls)
+        config = _frozen({k: v for k, v in self.config.items() if k != "name"})
+        return (self.rule_names, config, weights, calls, self.sublayers)
+
     @property
     def output(self):
         """The first output of the first call (what a configuration's dimensions refer to)."""
@@ -92,6 +103,19 @@ class LayerInfo:
     @property
     def inputs(self):
         return self.calls[0].inputs
+
+
+def _frozen(value):
+    """A hashable copy of a Keras config value (dicts and lists nest; anything else unhashable by repr)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 _DTYPE_SIZES = {

@@ -299,19 +299,28 @@ class Problem:
         self.rules = {}
         self.dims = {}
         self.configs = {}
+        # Costs, layouts and memory depend on a layer's signature, not its name: identical layers
+        # share every table entry (keras_lwp.graph.LayerInfo.signature).
+        self.signatures = {}
+        shared = {}  # signature: (dims, configs)
         for name in self.nodes:
             info = graph.nodes[name]["info"]
             self.rules[name] = rule_for(info, strict, warned)
-            dims = self.rules[name].dimensions(info)
-            self.dims[name] = dims if space == "full" else runnable_dims(dims)
-            self.configs[name] = configurations(info, self.dims[name], mesh)
-        self._layer_costs = {}
+            signature = self.signatures[name] = info.signature
+            if signature not in shared:
+                dims = self.rules[name].dimensions(info)
+                dims = dims if space == "full" else runnable_dims(dims)
+                shared[signature] = (dims, configurations(info, dims, mesh))
+            self.dims[name], self.configs[name] = shared[signature]
+        self._layer_costs = {}   # (signature, config): LayerCost
+        self._memories = {}      # (signature, config): Memory
         self._placements = {}
-        self._edge_costs = {}  # (u, v, config of u, config of v): t_x
+        self._edge_tables = {}   # (signatures of u and v, the edge's tensors, configs of u, of v): t_x array
+        self._edge_costs = {}    # (u, v, config of u, config of v): t_x
 
     # -- costs -------------------------------------------------------------------------------
     def layer_cost(self, name, config):
-        key = (name, config)
+        key = (self.signatures[name], config)
         if key not in self._layer_costs:
             info = self.graph.nodes[name]["info"]
             self._layer_costs[key] = self.cost_model.layer_cost(info, self.rules[name], self.dims[name], config)
@@ -324,10 +333,19 @@ class Problem:
         return self._placements[key]
 
     def edge_table(self, u, v, configs_u, configs_v):
-        """t_x over every pair of configurations, as an array [len(configs_u), len(configs_v)]."""
+        """t_x over every pair of configurations, as an array [len(configs_u), len(configs_v)]
+        (shared by edges between identical layers: read it, do not write to it)."""
+        tensors = self.graph.edges[u, v]["tensors"]
+        key = (self.signatures[u], self.signatures[v], tuple(tensors), tuple(configs_u), tuple(configs_v))
+        table = self._edge_tables.get(key)
+        if table is None:
+            table = self._edge_tables[key] = self._edge_table(u, v, tensors, configs_u, configs_v)
+        return table
+
+    def _edge_table(self, u, v, tensors, configs_u, configs_v):
         table = np.zeros((len(configs_u), len(configs_v)))
         produced_by = self.graph.nodes[u]["info"].calls[0].outputs
-        for out_index, call_index, in_index, tensor in self.graph.edges[u, v]["tensors"]:
+        for out_index, call_index, in_index, tensor in tensors:
             produced = produced_by[out_index] if out_index < len(produced_by) else tensor
             src = [self._placement(u, c).output_layout(produced) for c in configs_u]
             dst = [self._placement(v, c).input_layout(in_index, tensor) for c in configs_v]
@@ -346,8 +364,10 @@ class Problem:
 
     def prepare(self, allowed):
         """Let the cost model measure, at once, every layer configuration the tables will ask for."""
-        requests = [(self.graph.nodes[name]["info"], self.rules[name], self.dims[name], config)
-                    for name in self.nodes for config in allowed[name] if (name, config) not in self._layer_costs]
+        requests = {(self.signatures[name], config): (self.graph.nodes[name]["info"], self.rules[name], self.dims[name], config)
+                    for name in self.nodes for config in allowed[name]
+                    if (self.signatures[name], config) not in self._layer_costs}
+        requests = list(requests.values())
         if requests:
             with _garbage_collection(True):  # a profiled model runs TensorFlow here, for minutes
                 self.cost_model.prepare(requests)
@@ -426,7 +446,10 @@ class Problem:
         return best
 
     def layer_memory(self, name, config):
-        return layer_memory(self._placement(name, config), self.mesh)
+        key = (self.signatures[name], config)
+        if key not in self._memories:
+            self._memories[key] = layer_memory(self._placement(name, config), self.mesh)
+        return self._memories[key]
 
     def memory(self, assignment):
         """Memory of one device under an assignment, by kind (keras_lwp.cost.memory.Memory)."""

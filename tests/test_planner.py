@@ -193,3 +193,41 @@ def test_a_weight_no_call_reads_is_not_synchronized():
     costs = [keras_lwp.search(model(layer), MESH, batch_size=16, strategy="data").layers["table"]
              for layer in (untied, plain)]
     assert costs[0].sync == pytest.approx(costs[1].sync, rel=1e-9) and costs[1].sync > 0
+
+
+def test_identical_layers_share_cost_entries_and_differing_ones_do_not():
+    """The planner prices a layer's kind once (LayerInfo.signature): equal for layers that differ only
+    in name, different as soon as anything a cost reads differs (configuration, shape, trainability)."""
+    from keras_lwp.graph import layer_graph
+    from keras_lwp.mesh import mesh_spec_of
+    from keras_lwp.planner import Problem
+    from keras_lwp.cost.model import AnalyticCostModel
+
+    inputs = keras.Input((16, 16, 8))
+    first = keras.layers.Conv2D(8, 3, padding="same", name="first")(inputs)  # no input gradient: unlike a
+    a = keras.layers.Conv2D(8, 3, padding="same", name="a")(first)
+    b = keras.layers.Conv2D(8, 3, padding="same", name="b")(a)             # same kind as a
+    c = keras.layers.Conv2D(8, 3, padding="same", strides=2, name="c")(b)  # strides differ
+    d = keras.layers.Conv2D(8, 5, padding="same", name="d")(c)             # kernel and input shape differ
+    e = keras.layers.Conv2D(8, 3, padding="same", name="e")(b)             # same as a, but frozen below
+    model = keras.Model(inputs, [d, e])
+    model.get_layer("e").trainable = False
+    graph = layer_graph(model, 32)
+    signature = {name: graph.nodes[name]["info"].signature for name in graph}
+    assert signature["a"] == signature["b"]
+    assert len({signature[n] for n in ["first", "a", "c", "d", "e"]}) == 5
+
+    class Counting(AnalyticCostModel):
+        calls = 0
+
+        def layer_cost(self, info, rule, dims, config):
+            Counting.calls += 1
+            return super().layer_cost(info, rule, dims, config)
+
+    spec = mesh_spec_of(MESH)
+    problem = Problem(graph, spec, Counting(spec, "cpu-emulated"))
+    for name in "ab":
+        for config in problem.configs[name]:
+            problem.layer_cost(name, config)
+    assert problem.configs["a"] == problem.configs["b"]
+    assert Counting.calls == len(problem.configs["a"])

@@ -89,7 +89,9 @@ class LayerInfo:
         """A hashable key of everything the layer's costs, layouts and memory depend on: class and
         rule lookup, Keras configuration less its name, weights and every call's tensors. Identical
         layers (the repeated blocks of a ResNet: 517 layers, 48 signatures) share it, so the planner
-        prices each kind once. Read once the graph is complete."""
+        prices each kind once. Read once the graph is complete. (The profiled cost model keys its
+        on-disk measurements by keras_lwp.cost.profiled.layer_signature, a JSON form that must stay
+        stable across versions; this one only lives for one plan.)"""
         weights = tuple((w.shape, w.dtype, w.trainable) for w in self.weights)
         calls = tuple((c.inputs, c.outputs, c.input_gradients) for c in self.calls)
         config = _frozen({k: v for k, v in self.config.items() if k != "name"})

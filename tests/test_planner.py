@@ -231,3 +231,31 @@ def test_identical_layers_share_cost_entries_and_differing_ones_do_not():
             problem.layer_cost(name, config)
     assert problem.configs["a"] == problem.configs["b"]
     assert Counting.calls == len(problem.configs["a"])
+
+
+@pytest.mark.parametrize("strategy", ["auto", "data", "owt"])
+def test_sharing_entries_between_identical_layers_changes_no_plan(strategy, monkeypatch):
+    """Pricing each kind of layer once is exact: with every layer made its own kind, the plan, its
+    cost and its memory are the same, on a model of repeated blocks (a residual stack)."""
+    from keras_lwp.graph import LayerInfo
+
+    inputs = keras.Input((16, 16, 16))
+    x = inputs
+    for block in range(3):
+        y = keras.layers.Conv2D(16, 3, padding="same", name=f"conv{block}a")(x)
+        y = keras.layers.BatchNormalization(name=f"bn{block}")(y)
+        y = keras.layers.ReLU(name=f"relu{block}")(y)
+        y = keras.layers.Conv2D(16, 3, padding="same", name=f"conv{block}b")(y)
+        x = keras.layers.Add(name=f"add{block}")([x, y])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(256, activation="relu", name="fc1")(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="fc2")(x))
+    shared = keras_lwp.search(model, MESH, batch_size=32, strategy=strategy, profile="cpu-emulated",
+                              hidden_dimensions=True)
+    original = LayerInfo.signature
+    monkeypatch.setattr(LayerInfo, "signature", property(lambda info: (info.name, original.func(info))))
+    alone = keras_lwp.search(model, MESH, batch_size=32, strategy=strategy, profile="cpu-emulated",
+                             hidden_dimensions=True)
+    assert dict(shared) == dict(alone) and str(shared.mesh) == str(alone.mesh)
+    assert shared.cost == alone.cost and shared.memory == alone.memory
+    assert shared.layers == alone.layers

@@ -49,8 +49,10 @@ class LinearFit:
 
 
 def fit_line(sizes, seconds):
-    """Least-squares `latency + size * seconds_per_byte`, both clamped to be non-negative: the
-    collective's latency and inverse bandwidth from timings at a few message sizes."""
+    """Least-squares `latency + size * seconds_per_byte`: the collective's latency and inverse
+    bandwidth from timings at a few message sizes. The latency stays positive (a collective never
+    runs in no time): where noise puts the intercept at or below zero it is taken as half the fastest
+    timing, the bandwidth fitted to the rest."""
     sizes = np.asarray(sizes, dtype=float)
     seconds = np.asarray(seconds, dtype=float)
     if len(sizes) == 1:
@@ -58,9 +60,9 @@ def fit_line(sizes, seconds):
     slope, intercept = np.polyfit(sizes, seconds, 1)
     if slope < 0:  # timings flat in size (noise): all latency
         return LinearFit(max(float(np.mean(seconds)), 0.0), 0.0)
-    if intercept < 0:  # through the origin instead
-        slope = float(np.dot(sizes, seconds) / np.dot(sizes, sizes))
-        intercept = 0.0
+    if intercept <= 0:
+        intercept = 0.5 * float(np.min(seconds))
+        slope = max(float(np.dot(sizes, seconds - intercept) / np.dot(sizes, sizes)), 0.0)
     return LinearFit(float(intercept), float(slope))
 
 

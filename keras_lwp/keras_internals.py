@@ -40,6 +40,10 @@ INTERNALS = (
      "host writes to a sharded variable are packed onto the mesh"),
     ("keras.src.trainers.trainer", "Trainer._symbolic_build", "attribute", "fit_loop.py",
      "builds compile metrics and the optimizer before the first step, so their state is put on the mesh"),
+    ("keras.src.backend.tensorflow.trainer", "TensorFlowTrainer._maybe_symbolic_build", "attribute", "fit_loop.py",
+     "fit and evaluate hand it their epoch iterator before the first epoch: where its pipeline's options are set"),
+    ("keras.src.backend.tensorflow.trainer", "_distributed_dataset", "set", "fit_loop.py",
+     "the tf.data pipeline an epoch iterator draws from, run without autotuning (its teardown stalled fit)"),
     ("keras.src.backend.tensorflow.random", "_get_concrete_noise_shape", "attribute", "wrapping.py",
      "dropout's mask shape, to draw the single device's mask"),
     ("keras.src.optimizers.base_optimizer", "BaseOptimizer.add_variable_from_reference", "attribute", "placement.py",
@@ -133,6 +137,20 @@ def set_backing_variable(variable, value, layout):
 def symbolic_build(model, batch):
     """Keras' build of compile metrics and the optimizer from a data batch, before the first step."""
     model._symbolic_build(data_batch=batch)
+
+
+def maybe_symbolic_build(model, iterator=None, data_batch=None):
+    """Keras' own `_maybe_symbolic_build` of the model's class (the instance's is keras_lwp's)."""
+    return type(model)._maybe_symbolic_build(model, iterator=iterator, data_batch=data_batch)
+
+
+def epoch_dataset(iterator):
+    """The tf.data pipeline a Keras TF epoch iterator draws from (None for another iterator)."""
+    return getattr(iterator, "_distributed_dataset", None)
+
+
+def set_epoch_dataset(iterator, dataset):
+    iterator._distributed_dataset = dataset
 
 
 def concrete_noise_shape(inputs, noise_shape):

@@ -68,6 +68,27 @@ def test_fit_variants_match_plain_keras(variant):
     assert_weights_equal(plain, sharded)
 
 
+def test_fit_and_evaluate_pipelines_run_without_autotuning_unless_the_user_set_it(monkeypatch):
+    """tf.data's autotuning thread stalled the iterator's teardown after fit for seconds; keras_lwp
+    turns it off on the pipelines fit and evaluate build, and keeps a user's explicit choice."""
+    from keras.src.backend.tensorflow import trainer
+
+    seen = []
+    original = trainer.TFEpochIterator._get_iterator
+    monkeypatch.setattr(trainer.TFEpochIterator, "_get_iterator",
+                        lambda self: seen.append(self._distributed_dataset.options().autotune.enabled) or original(self))
+    x, y = data()
+    _, sharded = pair()
+    sharded.fit(x, y, batch_size=16, validation_data=(x[:32], y[:32]), verbose=0)
+    sharded.evaluate(x, y, batch_size=16, verbose=0)
+    assert seen and set(seen) == {False}
+    chosen = tf.data.Options()
+    chosen.autotune.enabled = True
+    seen.clear()
+    sharded.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).with_options(chosen), verbose=0)
+    assert seen and set(seen) == {True}
+
+
 def test_jit_compile_trains_like_plain_keras_and_says_xla_is_not_used():
     x, y = data()
     plain, sharded = pair(jit_compile=True)

@@ -22,8 +22,13 @@ def install_functions(model):
     model.make_train_function = types.MethodType(_make_train_function, model)
     model.make_test_function = types.MethodType(_make_test_function, model)
     model.make_predict_function = types.MethodType(_make_predict_function, model)
-    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
     model.train_function = model.test_function = model.predict_function = None
+
+
+def install_pipeline_options(model):
+    """fit's and evaluate's tf.data pipelines without autotuning (see `_maybe_symbolic_build`); also
+    on a one-device mesh, whose model otherwise trains as plain Keras."""
+    model._maybe_symbolic_build = types.MethodType(_maybe_symbolic_build, model)
 
 
 def _maybe_symbolic_build(model, iterator=None, data_batch=None):
@@ -232,4 +237,4 @@ def _make_predict_function(model, force=False):
     return function
 
 
-__all__ = ["batch_to_mesh", "install_functions", "state_to_mesh"]
+__all__ = ["batch_to_mesh", "install_functions", "install_pipeline_options", "state_to_mesh"]

@@ -118,6 +118,7 @@ def parallelize(model, mesh, strategy="auto", *, overrides=None, batch_size=None
         "and cost model (a profiled cost model measured once and shared): compare "
         "keras_lwp.strategy_of(model).summary() across the clients."))
     model._keras_lwp = ParallelizedModel(plan, run_mesh, graph)
+    fit_loop.install_pipeline_options(model)
     if spec.size == 1:
         return model  # one device: nothing to shard, so no DTensor machinery either (and no overhead)
     _weights_from_first_client(model, run_mesh)

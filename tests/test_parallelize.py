@@ -79,9 +79,13 @@ def test_fit_and_evaluate_pipelines_run_without_autotuning_unless_the_user_set_i
                         lambda self: seen.append(self._distributed_dataset.options().autotune.enabled) or original(self))
     x, y = data()
     _, sharded = pair()
-    sharded.fit(x, y, batch_size=16, validation_data=(x[:32], y[:32]), verbose=0)
-    sharded.evaluate(x, y, batch_size=16, verbose=0)
-    assert seen and set(seen) == {False}
+    single = keras_lwp.parallelize(models.mlp(), keras_lwp.make_mesh({"x": 1}), batch_size=16)
+    single.compile("sgd", LOSS)
+    for model in (sharded, single):
+        seen.clear()
+        model.fit(x, y, batch_size=16, validation_data=(x[:32], y[:32]), verbose=0)
+        model.evaluate(x, y, batch_size=16, verbose=0)
+        assert seen and set(seen) == {False}, model.name
     chosen = tf.data.Options()
     chosen.autotune.enabled = True
     seen.clear()

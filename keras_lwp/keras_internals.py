@@ -13,7 +13,8 @@ What parallelize changes on a model (keras_lwp.placement, .wrapping, .fit_loop),
   become replicated DTensors;
 - each layer's `call` (relayout in, its rule's implementation or the original call, relayout out,
   keeping `_keras_logits` and `_keras_mask`), and the model's `call` (outputs split like the labels);
-- the model's make_train/test/predict_function (one sharded batch at a time through Keras' own steps);
+- the model's make_train/test/predict_function (one sharded batch at a time through Keras' own steps)
+  and `_maybe_symbolic_build` (fit's and evaluate's tf.data pipelines run without autotuning);
 - the optimizer, once a step function is made: `add_variable_from_reference` reset to Keras' own (slots
   on the host, then moved), `assign_add`/`assign_sub` making sparse rows dense, and its variables and
   every metric's moved onto the mesh;

@@ -27,7 +27,8 @@ from keras_lwp.cost.model import AnalyticCostModel
 from keras_lwp.layers import dimensions_of, rule_for
 from keras_lwp.mesh import mesh_spec_of
 
-CALIBRATION_VERSION = 3  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0
+CALIBRATION_VERSION = 4  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0;
+# 4: memory bandwidth measured
 # Per-device batch of the probes: the few samples a device gets from a typical global batch.
 PROBE_SAMPLES = 4
 
@@ -51,6 +52,23 @@ def _probe_model():
     x = layers.GlobalAveragePooling2D(dtype="float32")(x)
     x = layers.Dense(512, activation="relu", dtype="float32")(x)
     return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="keras_lwp_probe")
+
+
+def _traffic_probe_model():
+    """A model whose training step is memory traffic: a cheap 1x1 convolution, then element-wise
+    layers (a residual chain of activations and products, as in MobileNetV3's and EfficientNet's
+    blocks) on activations of the size a device's few samples give, a Dense head."""
+    import keras
+
+    layers = keras.layers
+    x = inputs = keras.Input((16, 16, 64), dtype="float32", name="keras_lwp_probe_activations")
+    x = layers.Conv2D(64, 1, use_bias=False, dtype="float32")(x)
+    for _ in range(4):
+        gate = layers.Activation("sigmoid", dtype="float32")(x)
+        y = layers.Multiply(dtype="float32")([x, gate])
+        x = layers.Add(dtype="float32")([x, layers.ReLU(dtype="float32")(y)])
+    x = layers.GlobalAveragePooling2D(dtype="float32")(x)
+    return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="keras_lwp_traffic_probe")
 
 
 def default_profile(profile, cost_model, devices_present):
@@ -97,6 +115,7 @@ def _calibrate(spec, cache_dir, progress):
     link = Link(latency=found["latency"], bandwidth=found["bandwidth"])
     return dataclasses.replace(
         base, name=f"calibrated on {spec}", flops=found["flops"], efficiency=1.0,
+        memory_bandwidth=found["memory_bandwidth"],
         intra_node=link, inter_node=link, concurrent_devices=None,
         collective_overhead=0.0,
         sources=f"calibrated on {spec} of this machine (keras_lwp.cost.calibration); memory capacity from "
@@ -109,7 +128,7 @@ def _measure(spec, profiler, progress):
     if progress:
         print(f"keras_lwp: calibrating the cost model on {spec} (once per machine and mesh; cached in "
               f"{profiler.cache.path})")
-    bar = keras.utils.Progbar(3, verbose=1 if progress else 0, unit_name="measurement")
+    bar = keras.utils.Progbar(4, verbose=1 if progress else 0, unit_name="measurement")
     flat = spec.flattened()
     sibling = profiler.for_mesh(flat)
     # Links: the all-reduce over every mesh axis, read as a ring (keras_lwp.cost.comm.allreduce_time):
@@ -125,23 +144,43 @@ def _measure(spec, profiler, progress):
     # gradient all-reduces, update and fit's overhead, over its FLOPs per device. Timed inside a
     # whole step, not layer by layer: a layer alone keeps its tensors in cache and runs several times
     # faster than it does between other layers.
-    model = _probe_model()
-    batch = PROBE_SAMPLES * k
-    seconds, graph = sibling.timer.fit_step(profiler.optimizer, batch, model=model)
     link = Link(latency=latency, bandwidth=bandwidth)
-    unit = AnalyticCostModel(flat, DeviceProfile(
-        name="unit", flops=1.0, efficiency=1.0, memory_bandwidth=float("inf"), memory_bytes=1.0,
-        devices_per_node=k, intra_node=link, inter_node=link))
-    sample = Config({"sample": flat.axes[0][0]})
-    flops = communication = 0.0
+    batch = PROBE_SAMPLES * k
+    seconds, graph = sibling.timer.fit_step(profiler.optimizer, batch, model=_probe_model())
+    flops, _, communication = _work(graph, flat, link)
+    bar.add(1)
+    flop_rate = flops / max(seconds - overhead - communication, 0.1 * seconds)
+    # Memory bandwidth: the element-wise probe's step likewise, less its few FLOPs at that rate, over
+    # the bytes its layers move per device (the roofline's other side, with the devices' sharing of
+    # the machine's memory and cores inside it, as for the FLOP rate).
+    seconds, graph = sibling.timer.fit_step(profiler.optimizer, batch, model=_traffic_probe_model())
+    flops, nbytes, communication = _work(graph, flat, link)
+    bar.add(1)
+    traffic_seconds = max(seconds - overhead - communication - flops / flop_rate, 0.1 * seconds)
+    return {"flops": flop_rate, "memory_bandwidth": nbytes / traffic_seconds, "bandwidth": bandwidth,
+            "latency": latency}
+
+
+def _work(graph, mesh, link):
+    """(FLOPs, bytes, communication seconds) per device of `graph`'s data-parallel training step on
+    `mesh`, as the analytic model counts them: priced at one FLOP/s with memory free, at one byte/s
+    with arithmetic free, and over `link` (the unit profiles' updates take no time)."""
+    def unit(flops, memory_bandwidth):
+        return AnalyticCostModel(mesh, DeviceProfile(
+            name="unit", flops=flops, efficiency=1.0, memory_bandwidth=memory_bandwidth, memory_bytes=1.0,
+            devices_per_node=mesh.size, intra_node=link, inter_node=link))
+
+    by_flops, by_bytes = unit(1.0, float("inf")), unit(float("inf"), 1.0)
+    sample = Config({"sample": mesh.axes[0][0]})
+    flops = nbytes = communication = 0.0
     for name in graph:
         info = graph.nodes[name]["info"]
-        cost = unit.layer_cost(info, rule_for(info), dimensions_of(info), sample)
+        rule, dims = rule_for(info), dimensions_of(info)
+        cost = by_flops.layer_cost(info, rule, dims, sample)
         flops += cost.compute
-        communication += cost.transfer + cost.sync  # the unit profile's updates take no time
-    bar.add(1)
-    compute_seconds = max(seconds - overhead - communication, 0.1 * seconds)
-    return {"flops": flops / compute_seconds, "bandwidth": bandwidth, "latency": latency}
+        nbytes += by_bytes.layer_cost(info, rule, dims, sample).compute
+        communication += cost.transfer + cost.sync
+    return flops, nbytes, communication
 
 
 __all__ = ["calibrated_profile", "default_profile"]

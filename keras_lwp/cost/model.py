@@ -110,8 +110,7 @@ class AnalyticCostModel(CostModel):
             flops = rule.forward_flops(info, call) / shards
             # Backward: input gradient (+ weight gradient when the layer has weights).
             flops *= 3.0 if has_weights else 2.0
-            io_bytes = sum(t.nbytes for t in call.inputs + call.outputs) / shards
-            compute += self._roofline(flops, 3.0 * io_bytes)
+            compute += self._roofline(flops, rule.memory_traffic(info, call, config) / shards)
             out = call.outputs[0]
             out_shard = out.nbytes / self.mesh.parts(place.output_layout(out))
             reductions = place.partial_sums()

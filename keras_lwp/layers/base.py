@@ -94,6 +94,13 @@ class LayerRule:
     def forward_flops(self, info, call):
         return float(sum(_numel(t.shape) for t in call.outputs))
 
+    def memory_traffic(self, info, call, config):
+        """Bytes one call moves through memory, forward and backward, over all its shards (the cost
+        model divides by the split): by default three passes over its inputs and outputs. A rule whose
+        implementation of `config` materializes more (keras_lwp.layers.hidden_depthwise) says so."""
+        del info, config
+        return 3.0 * sum(t.nbytes for t in call.inputs + call.outputs)
+
     def trained_weights(self, info):
         """Per weight, whether training computes its gradient (and so synchronizes and updates it):
         its `trainable` flag, unless no call of the layer reads it."""

@@ -113,3 +113,33 @@ def test_halo_split_moves_only_the_halo():
     assert model.halo_bytes(place, info.calls[0]) <= gathered / 4
     halo = model.layer_cost(info, rule, dims, Config({"height": "h"})).transfer
     assert 0 < halo and math.isfinite(halo)
+
+
+def depthwise_info(batch=32, side=8, channels=96, kernel=5, multiplier=1):
+    x = TensorInfo((batch, side, side, channels), "float32")
+    y = TensorInfo((batch, side, side, channels * multiplier), "float32")
+    config = {"kernel_size": (kernel, kernel), "strides": (1, 1), "padding": "same", "dilation_rate": (1, 1),
+              "depth_multiplier": multiplier, "data_format": "channels_last", "use_bias": False}
+    weights = (WeightInfo("dw/kernel", (kernel, kernel, channels, multiplier), "float32", True),)
+    return LayerInfo("dw", "DepthwiseConv2D", config, weights, [LayerCall((x,), (y,))])
+
+
+def test_depthwise_splits_pay_for_their_taps():
+    """A depthwise split runs as a product over the kernel's T taps (keras_lwp.layers.hidden_depthwise),
+    materializing T copies of the output and their gradients; the native kernel, replicated, does not.
+    On emulated CPU devices, which share the cores, that traffic outweighs a 2-way split: the model
+    must price it above running the layer whole (measured on 8 logical CPUs, this layer: 9.9 ms
+    replicated, 20.9 ms split by samples over the 4x2 mesh's y, 8.3 ms over all 8 devices)."""
+    info = depthwise_info()
+    rule = rule_for(info)
+    dims = rule.dimensions(info)
+    call = info.calls[0]
+    io = 3.0 * sum(t.nbytes for t in call.inputs + call.outputs)
+    taps = 25
+    assert rule.memory_traffic(info, call, Config()) == io
+    assert rule.memory_traffic(info, call, Config({"sample": "x"})) == pytest.approx(
+        io + 8 * taps * call.outputs[0].nbytes + 2 * taps * call.inputs[0].nbytes)
+    model = AnalyticCostModel(MESH, get_profile("cpu-emulated"))
+    whole = model.layer_cost(info, rule, dims, Config()).compute
+    half = model.layer_cost(info, rule, dims, Config({"sample": "y"})).compute
+    assert half > whole

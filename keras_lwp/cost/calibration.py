@@ -12,7 +12,10 @@ against its all-reduces, so "auto" replicated layers and measured 4x the step of
 - fit's overhead per step (ProfiledCostModel.step_overhead);
 - compute: a small CNN's whole training step, data parallel through the real fit loop; the FLOP rate
   is its FLOPs per device over that time less its communication and overhead, so the devices'
-  sharing of the machine's cores is inside the figure (no `concurrent_devices` slowdown on top).
+  sharing of the machine's cores is inside the figure (no `concurrent_devices` slowdown on top);
+- memory bandwidth: likewise from a probe of element-wise layers, over the bytes they move (5.4 GB/s
+  per device on that machine's 4x2 mesh, against the datasheet profile's 10 GB/s, which sat beside a
+  FLOP rate with the sharing inside and priced memory-bound layers about 2x too cheap).
 
 About 30 s on that machine, cached per machine and mesh. `default_profile` makes it what "analytic"
 uses when the mesh's devices are in this process (keras_lwp.planner, keras_lwp.runtime).

@@ -103,6 +103,8 @@ CASES = {
     "Dense-4d": Case(P(L.Dense, C), (IMAGE,)),  # ConvNeXt's pointwise convolutions
     # Grouped convolutions (ConvNeXt's depthwise ones: groups = channels) run through hidden_conv.
     "Conv2D-groups": Case(P(L.Conv2D, C, 3, padding="same", groups=C), (IMAGE,)),
+    # One filter per group of two channels: the product summed over taps and channels (hidden_conv).
+    "Conv2D-groups-pairs": Case(P(L.Conv2D, C // 2, 3, strides=2, padding="same", groups=C // 2), (IMAGE,)),
     "Conv2D-groups2": Case(P(L.Conv2D, 2 * C, 3, strides=2, padding="same", groups=2), (IMAGE,)),
     "Conv1D-groups": Case(P(L.Conv1D, C, 3, padding="causal", groups=4), (SEQUENCE,)),
     "EinsumDense": Case(P(L.EinsumDense, "abc,cd->abd", output_shape=(S, C), bias_axes="d"), (SEQUENCE,)),

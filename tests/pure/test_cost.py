@@ -143,3 +143,29 @@ def test_depthwise_splits_pay_for_their_taps():
     whole = model.layer_cost(info, rule, dims, Config()).compute
     half = model.layer_cost(info, rule, dims, Config({"sample": "y"})).compute
     assert half > whole
+
+
+def conv_info(groups, channels=96, filters=96, kernel=7, batch=32, side=8):
+    x = TensorInfo((batch, side, side, channels), "float32")
+    y = TensorInfo((batch, side, side, filters), "float32")
+    config = {"kernel_size": (kernel, kernel), "strides": (1, 1), "padding": "same", "dilation_rate": (1, 1),
+              "groups": groups, "data_format": "channels_last", "filters": filters}
+    weights = (WeightInfo("c/kernel", (kernel, kernel, channels // groups, filters), "float32", True),)
+    return LayerInfo("c", "Conv2D", config, weights, [LayerCall((x,), (y,))])
+
+
+def test_convolutions_keras_lwp_computes_pay_for_their_patches():
+    """hidden_conv's patches (T taps times the input channels per output position) are traffic the
+    native convolution never makes: a batch split DTensor runs costs the default three passes; a
+    grouped convolution (always hidden_conv) or a channel split adds the patches, eight passes with
+    one filter per group (its product is materialized), four otherwise."""
+    dense, grouped = conv_info(groups=1), conv_info(groups=96)
+    call = dense.calls[0]
+    io = 3.0 * sum(t.nbytes for t in call.inputs + call.outputs)
+    taps, scatter = 49, 2 * 49 * call.inputs[0].nbytes
+    rule = rule_for(dense)
+    assert rule.memory_traffic(dense, call, Config({"sample": "x"})) == io
+    assert rule.memory_traffic(dense, call, Config({"channel": "x"})) == pytest.approx(
+        io + 4 * taps * call.outputs[0].nbytes + scatter)
+    assert rule_for(grouped).memory_traffic(grouped, call, Config()) == pytest.approx(
+        io + 8 * taps * call.outputs[0].nbytes + scatter)

@@ -72,7 +72,7 @@ class HiddenConvRule(ConvRule):
         (as keras_lwp.layers.hidden_depthwise). Nothing that matters beside a dense convolution's
         arithmetic; a grouped one's is small, and its patches are what it costs on a CPU."""
         traffic = super().memory_traffic(info, call, config)
-        if self.implementation(info, config) is None:
+        if not self._computes(info, config):
             return traffic  # DTensor runs the layer's own convolution
         kernel = next(w for w in info.weights if w.name.endswith("kernel"))
         taps, channels, filters = math.prod(kernel.shape[:-2]), call.inputs[0].shape[-1], kernel.shape[-1]
@@ -89,13 +89,16 @@ class HiddenConvRule(ConvRule):
                 info, refused, f"{info.config.get('data_format')}, groups={info.config.get('groups', 1)}, "
                 f"padding={padding_of(info)!r}", "channel and spatial splits of channels_last convolutions "
                 "(spatial ones for groups == 1 only)")
+        return hidden_conv if self._computes(info, config) else None
+
+    @staticmethod
+    def _computes(info, config):
+        """Whether `hidden_conv` runs the layer under `config`, rather than DTensor its own call."""
         if info.config.get("groups", 1) > 1 and info.config.get("data_format", "channels_last") == "channels_last":
             # Keras computes a grouped convolution on CPU in an XLA-compiled function, which DTensor runs
             # to wrong values (a batch-split Conv2D with groups=16 trained 1e-2 away): always ours.
-            return hidden_conv
-        if not hidden:
-            return None  # a batch split: DTensor runs the layer's own convolution
-        return hidden_conv
+            return True
+        return any(d != "sample" for d in config)  # else a batch split (or none): the layer's own call
 
 
 # -- the implementation ------------------------------------------------------------------------

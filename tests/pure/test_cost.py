@@ -169,3 +169,14 @@ def test_convolutions_keras_lwp_computes_pay_for_their_patches():
         io + 4 * taps * call.outputs[0].nbytes + scatter)
     assert rule_for(grouped).memory_traffic(grouped, call, Config()) == pytest.approx(
         io + 8 * taps * call.outputs[0].nbytes + scatter)
+
+
+def test_full_space_prices_splits_keras_lwp_does_not_run():
+    """space="full" plans a grouped convolution's spatial splits, which no implementation computes:
+    pricing them must not ask for one (it raises)."""
+    info = conv_info(groups=96)
+    rule = rule_for(info)
+    call = info.calls[0]
+    assert rule.memory_traffic(info, call, Config({"height": "x"})) == rule.memory_traffic(info, call, Config())
+    with pytest.raises(ValueError, match="cannot be split along height"):
+        rule.implementation(info, Config({"height": "x"}))

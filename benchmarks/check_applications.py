@@ -5,6 +5,7 @@ equal to the single-device step.
     python -m benchmarks.check_applications --strategies data,model,owt,auto --head_scale 100
     python -m benchmarks.check_applications --models zoo --head_scale 100     # every model in ZOO, "auto"
     python -m benchmarks.check_applications --models zoo --head_scale 100 --rounds 3   # and time the steps
+    python -m benchmarks.check_applications --models convnext_tiny --rounds 2 --timed_strategies data,owt,auto
 
 Slow (a minute or two per model on 2 cores), so it lives here rather than in the test suite. It runs
 in float64: these networks at init with batch 8 and 1x1 final feature maps are so ill-conditioned
@@ -29,6 +30,8 @@ flags.DEFINE_list("strategies", ["auto"], "Strategies to compare with one device
 flags.DEFINE_float("input_scale", 1.0, "Scale of the random images.")
 flags.DEFINE_integer("rounds", 0, "Timing rounds after the float64 check (0: none): the float32 steady step "
                      "of one device, \"data\" and \"auto\", interleaved, in this process.")
+flags.DEFINE_list("timed_strategies", ["data", "auto"], "Strategies the timing rounds run beside one device "
+                  "(\"data\" and \"auto\" always; e.g. data,owt,auto).")
 flags.DEFINE_integer("timed_steps", 5, "fit steps per timing round (the first of each is left out).")
 flags.DEFINE_integer("timed_batch_size", 32, "Global batch size of the timed steps.")
 flags.DEFINE_float("head_scale", 1.0, "Factor on the classifier's last kernel: 100 saturates the softmax head "
@@ -36,7 +39,7 @@ flags.DEFINE_float("head_scale", 1.0, "Factor on the classifier's last kernel: 1
                    "would differ at once.")
 
 OWN_FLAGS = ("floatx", "batch_size", "strategies", "input_scale", "head_scale", "rounds", "timed_steps",
-             "timed_batch_size")
+             "timed_batch_size", "timed_strategies")
 # keras.applications builder and the smallest input side it accepts; `--models zoo` runs them all.
 ZOO = {
     "resnet50": ("ResNet50", 32), "inception_v3": ("InceptionV3", 75), "vgg16": ("VGG16", 32),
@@ -128,7 +131,8 @@ def _step(builder, size, x, y, strategy):
 
 
 def _time(name, builder, size):
-    """Prints the float32 steady step of one device, "data" and "auto" (8 logical devices share this
+    """Prints the float32 steady step of one device, "data", "auto" and any other --timed_strategies
+    (8 logical devices share this
     machine's cores, and the one-device model runs on one of them: the figures compare the plans with
     each other and with one device's work, not with a machine without logical devices)."""
     import keras
@@ -144,7 +148,8 @@ def _time(name, builder, size):
     x = rng.rand(batch * (FLAGS.timed_steps + 1), size, size, 3).astype("float32")
     y = rng.randint(0, 10, len(x))
     models, splits = {}, {}
-    for strategy in (None, "data", "auto"):
+    strategies = ["data", "auto"] + [other for other in FLAGS.timed_strategies if other not in ("data", "auto")]
+    for strategy in [None] + strategies:
         keras.utils.set_random_seed(0)
         model = builder(weights=None, input_shape=(size, size, 3), classes=10)
         if strategy is not None:
@@ -156,10 +161,12 @@ def _time(name, builder, size):
         models[strategy or "one device"] = model
     step = interleaved_medians(FLAGS.rounds, {
         key: (lambda model=model: timed_fit(model, x, y, batch)["steps"]) for key, model in models.items()})
+    others = "".join(f"  {other} {step[other] * 1e3:.1f} ms ({splits[other]} split)" for other in strategies[2:])
+    best = min(strategies[:1] + strategies[2:], key=step.get)
     print(f"{name:<13} {size}x{size} float32 batch {batch} steady step: one device {step['one device'] * 1e3:.1f} ms  "
           f"data {step['data'] * 1e3:.1f} ms ({splits['data']} split)  auto {step['auto'] * 1e3:.1f} ms "
-          f"({splits['auto']} split)  -> auto/one device {step['auto'] / step['one device']:.2f}x, "
-          f"data/auto {step['data'] / step['auto']:.2f}x", flush=True)
+          f"({splits['auto']} split){others}  -> auto/one device {step['auto'] / step['one device']:.2f}x, "
+          f"{best}/auto {step[best] / step['auto']:.2f}x", flush=True)
 
 
 def _compare(name, size, reference, run, strategy):

@@ -31,8 +31,10 @@ def test_calibrated_profile_is_measured_once_then_read_from_the_cache(fresh, mon
     mesh = keras_lwp.make_mesh({"x": 4, "y": 2})
     profile = calibration.calibrated_profile(mesh, progress=False)
     assert profile.name == "calibrated on Mesh(x=4, y=2, CPU)"
-    for value in (profile.flops, profile.intra_node.bandwidth, profile.intra_node.latency):
+    for value in (profile.flops, profile.memory_bandwidth, profile.intra_node.bandwidth, profile.intra_node.latency):
         assert math.isfinite(value) and value > 0
+    # Measured, not carried over from the datasheet profile the calibration starts from.
+    assert profile.memory_bandwidth != keras_lwp.cost.get_profile("cpu-emulated").memory_bandwidth
     assert profile.concurrent_devices is None  # the devices' sharing of the cores is inside the figures
     assert list(fresh.glob("profiles/*.json")), "the calibration was not written to the cache"
 

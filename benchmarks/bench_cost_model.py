@@ -36,7 +36,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["alexnet", "transformer", "wide_head"], "Models (see build_models).")
+flags.DEFINE_list("models", ["alexnet", "transformer", "wide_head"], "Models (see build_models; also "
+                  "keras.applications models, e.g. mobilenet_v2).")
 flags.DEFINE_string("mesh", "4x2", "Mesh shape AxB (axes x, y).")
 flags.DEFINE_integer("rounds", 7, "Interleaved measurement rounds.")
 flags.DEFINE_float("round_seconds", 0.6, "Target duration of one round's epoch (steps = this / predicted step).")
@@ -58,11 +59,20 @@ GOAL_SPEARMAN = 0.9
 
 
 def build_models():
-    """name -> (builder, batch size, input kind): small versions of the zoo's and the tests' models."""
+    """name -> (builder, batch size, input kind): small versions of the zoo's and the tests' models, and
+    the keras.applications models of benchmarks/applications.py (outside this repository's zoo; 10
+    classes, logits out, at their smallest input)."""
+    import keras
+
+    from benchmarks.applications import ZOO
     from examples import zoo
     from tests import models
 
-    return {
+    def application(builder, size):
+        return lambda: getattr(keras.applications, builder)(weights=None, input_shape=(size, size, 3), classes=10,
+                                                            classifier_activation=None)
+
+    return {**{name: (application(builder, size), 32, "image") for name, (builder, size) in ZOO.items()},
         "alexnet": (lambda: zoo.alexnet(image_size=64, classes=100), 32, "image"),
         "transformer": (lambda: zoo.transformer(length=32, width=128, heads=4, blocks=2, vocabulary=1000,
                                                 classes=10), 32, "tokens"),

@@ -19,7 +19,9 @@ Contenders: plain Keras on TensorFlow (one device, no logical devices: as a user
 devices; Keras 3 on JAX on one device, with DataParallel over 8 CPU devices, and with ModelParallel
 on a 4x2 mesh whose LayoutMap splits every Dense kernel's output columns. Models: VGG-16 and AlexNet
 (examples/zoo.py) at 64x64 with 100 classes, the zoo's transformer (64 tokens, width 256, 10 classes),
-batch 32. Goals (issue 19): "auto" within 1.15x of the one-device step on VGG-16 and AlexNet, and
+batch 32; or any keras.applications model of benchmarks/applications.py's ZOO at its smallest
+input (10 classes): each in a process of its own fits models too large for check_applications' one
+process. Goals (issue 19): "auto" within 1.15x of the one-device step on VGG-16 and AlexNet, and
 never slower than the best of "data"/"owt" beyond the noise.
 """
 
@@ -34,10 +36,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
+from benchmarks.applications import ZOO  # noqa: E402
 from benchmarks.steady import timed_fit  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["vgg16", "alexnet", "transformer"], "Models to time.")
+flags.DEFINE_list("models", ["vgg16", "alexnet", "transformer"], "Models to time (also any of "
+                  "benchmarks/applications.py's ZOO, e.g. inception_resnet_v2).")
 flags.DEFINE_list("contenders", None, "Contenders to run (default: all; see CONTENDERS).")
 flags.DEFINE_integer("rounds", 6, "Interleaved rounds.")
 flags.DEFINE_integer("steps", 8, "Timed steps per round (one more runs first and is left out).")
@@ -73,7 +77,12 @@ def _build(keras, name):
 
     if name == "transformer":
         return zoo.transformer(classes=10)
-    return zoo.build(name, image_size=SIZES[name], classes=100)
+    if name in SIZES:
+        return zoo.build(name, image_size=SIZES[name], classes=100)
+    if name not in ZOO:
+        raise ValueError(f"Unknown model {name!r}: one of transformer, {', '.join(SIZES)}, {', '.join(ZOO)}")
+    builder, size = ZOO[name]
+    return getattr(keras.applications, builder)(weights=None, input_shape=(size, size, 3), classes=10)
 
 
 def _data(model, batches):

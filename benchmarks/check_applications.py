@@ -21,6 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
+from benchmarks.applications import ZOO  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet50", "inception_v3", "vgg16", "mobilenet_v2"],
                   "keras.applications models (see ZOO), or 'zoo' for all of them.")
@@ -40,15 +42,6 @@ flags.DEFINE_float("head_scale", 1.0, "Factor on the classifier's last kernel: 1
 
 OWN_FLAGS = ("floatx", "batch_size", "strategies", "input_scale", "head_scale", "rounds", "timed_steps",
              "timed_batch_size", "timed_strategies")
-# keras.applications builder and the smallest input side it accepts; `--models zoo` runs them all.
-ZOO = {
-    "resnet50": ("ResNet50", 32), "inception_v3": ("InceptionV3", 75), "vgg16": ("VGG16", 32),
-    "mobilenet_v2": ("MobileNetV2", 32), "mobilenet": ("MobileNet", 32), "mobilenet_v3_small": ("MobileNetV3Small", 32),
-    "resnet50_v2": ("ResNet50V2", 32), "densenet121": ("DenseNet121", 32), "xception": ("Xception", 71),
-    "inception_resnet_v2": ("InceptionResNetV2", 75), "nasnet_mobile": ("NASNetMobile", 32),
-    "efficientnet_b0": ("EfficientNetB0", 32), "efficientnet_v2_b0": ("EfficientNetV2B0", 32),
-    "convnext_tiny": ("ConvNeXtTiny", 32),
-}
 
 
 def main(argv):

@@ -69,8 +69,12 @@ def build_models():
     from tests import models
 
     def application(builder, size):
-        return lambda: getattr(keras.applications, builder)(weights=None, input_shape=(size, size, 3), classes=10,
-                                                            classifier_activation=None)
+        def build():
+            keras.backend.clear_session()  # auto-named layers (input_layer, ...) named alike in every copy
+            return getattr(keras.applications, builder)(weights=None, input_shape=(size, size, 3), classes=10,
+                                                        classifier_activation=None)
+
+        return build
 
     return {**{name: (application(builder, size), 32, "image") for name, (builder, size) in ZOO.items()},
         "alexnet": (lambda: zoo.alexnet(image_size=64, classes=100), 32, "image"),

@@ -35,6 +35,7 @@ def test_calibrated_profile_is_measured_once_then_read_from_the_cache(fresh, mon
         assert math.isfinite(value) and value > 0
     # Measured, not carried over from the datasheet profile the calibration starts from.
     assert profile.memory_bandwidth != keras_lwp.cost.get_profile("cpu-emulated").memory_bandwidth
+    assert math.isfinite(profile.tap_seconds) and profile.tap_seconds > 0  # the datasheet profiles have 0
     assert profile.concurrent_devices is None  # the devices' sharing of the cores is inside the figures
     assert list(fresh.glob("profiles/*.json")), "the calibration was not written to the cache"
 

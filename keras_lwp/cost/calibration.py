@@ -15,7 +15,9 @@ against its all-reduces, so "auto" replicated layers and measured 4x the step of
   sharing of the machine's cores is inside the figure (no `concurrent_devices` slowdown on top);
 - memory bandwidth: likewise from a probe of element-wise layers, over the bytes they move (5.4 GB/s
   per device on that machine's 4x2 mesh, against the datasheet profile's 10 GB/s, which sat beside a
-  FLOP rate with the sharing inside and priced memory-bound layers about 2x too cheap).
+  FLOP rate with the sharing inside and priced memory-bound layers about 2x too cheap);
+- seconds per kernel tap of keras_lwp's tap-by-tap implementations (split depthwise and grouped
+  convolutions): from a probe of depthwise layers on 2x2 maps, less what the figures above price.
 
 About 30 s on that machine, cached per machine and mesh. `default_profile` makes it what "analytic"
 uses when the mesh's devices are in this process (keras_lwp.planner, keras_lwp.runtime).
@@ -30,8 +32,8 @@ from keras_lwp.cost.model import AnalyticCostModel
 from keras_lwp.layers import dimensions_of, rule_for
 from keras_lwp.mesh import mesh_spec_of
 
-CALIBRATION_VERSION = 4  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0;
-# 4: memory bandwidth measured
+CALIBRATION_VERSION = 5  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0;
+# 4: memory bandwidth measured; 5: seconds per kernel tap of keras_lwp's tap-by-tap implementations
 # Per-device batch of the probes: the few samples a device gets from a typical global batch.
 PROBE_SAMPLES = 4
 
@@ -72,6 +74,21 @@ def _traffic_probe_model():
         x = layers.Add(dtype="float32")([x, layers.ReLU(dtype="float32")(y)])
     x = layers.GlobalAveragePooling2D(dtype="float32")(x)
     return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="keras_lwp_traffic_probe")
+
+
+def _tap_probe_model():
+    """Depthwise convolutions on the small maps a depthwise network ends in (2x2, a device's few
+    samples), which data parallelism runs through keras_lwp.layers.hidden_depthwise: their step is
+    the fixed cost per kernel tap of that implementation, not arithmetic or traffic (MobileNetV2 at
+    32x32 on 8 logical CPUs: 7.8 ms per split 3x3 layer on 1x1 maps, priced at 0.5 ms by its traffic)."""
+    import keras
+
+    layers = keras.layers
+    x = inputs = keras.Input((2, 2, 64), dtype="float32", name="keras_lwp_probe_maps")
+    for _ in range(4):
+        x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, dtype="float32")(x)
+    x = layers.GlobalAveragePooling2D(dtype="float32")(x)
+    return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="keras_lwp_tap_probe")
 
 
 def default_profile(profile, cost_model, devices_present):
@@ -118,7 +135,7 @@ def _calibrate(spec, cache_dir, progress):
     link = Link(latency=found["latency"], bandwidth=found["bandwidth"])
     return dataclasses.replace(
         base, name=f"calibrated on {spec}", flops=found["flops"], efficiency=1.0,
-        memory_bandwidth=found["memory_bandwidth"],
+        memory_bandwidth=found["memory_bandwidth"], tap_seconds=found["tap_seconds"],
         intra_node=link, inter_node=link, concurrent_devices=None,
         collective_overhead=0.0,
         sources=f"calibrated on {spec} of this machine (keras_lwp.cost.calibration); memory capacity from "
@@ -131,7 +148,7 @@ def _measure(spec, profiler, progress):
     if progress:
         print(f"keras_lwp: calibrating the cost model on {spec} (once per machine and mesh; cached in "
               f"{profiler.cache.path})")
-    bar = keras.utils.Progbar(4, verbose=1 if progress else 0, unit_name="measurement")
+    bar = keras.utils.Progbar(5, verbose=1 if progress else 0, unit_name="measurement")
     flat = spec.flattened()
     sibling = profiler.for_mesh(flat)
     # Links: the all-reduce over every mesh axis, read as a ring (keras_lwp.cost.comm.allreduce_time):
@@ -160,8 +177,17 @@ def _measure(spec, profiler, progress):
     flops, nbytes, communication = _work(graph, flat, link)
     bar.add(1)
     traffic_seconds = max(seconds - overhead - communication - flops / flop_rate, 0.1 * seconds)
-    return {"flops": flop_rate, "memory_bandwidth": nbytes / traffic_seconds, "bandwidth": bandwidth,
-            "latency": latency}
+    memory_bandwidth = nbytes / traffic_seconds
+    # Per kernel tap of the tap-by-tap implementations: the depthwise probe's step less everything
+    # else the analytic model prices (its arithmetic and traffic at the rates just measured, which
+    # bound the roofline from above), over the taps its split layers run.
+    seconds, graph = sibling.timer.fit_step(profiler.optimizer, batch, model=_tap_probe_model())
+    flops, nbytes, communication = _work(graph, flat, link)
+    taps = _taps(graph, flat)
+    bar.add(1)
+    tap_seconds = max(seconds - overhead - communication - flops / flop_rate - nbytes / memory_bandwidth, 0.0) / max(taps, 1)
+    return {"flops": flop_rate, "memory_bandwidth": memory_bandwidth, "bandwidth": bandwidth, "latency": latency,
+            "tap_seconds": tap_seconds}
 
 
 def _work(graph, mesh, link):
@@ -184,6 +210,13 @@ def _work(graph, mesh, link):
         nbytes += by_bytes.layer_cost(info, rule, dims, sample).compute
         communication += cost.transfer + cost.sync
     return flops, nbytes, communication
+
+
+def _taps(graph, mesh):
+    """The kernel taps `graph`'s data-parallel step handles one by one (LayerRule.tap_passes)."""
+    sample = Config({"sample": mesh.axes[0][0]})
+    return sum(rule_for(info).tap_passes(info, call, sample)
+               for info in (graph.nodes[name]["info"] for name in graph) for call in info.calls)
 
 
 __all__ = ["calibrated_profile", "default_profile"]

@@ -35,6 +35,10 @@ class DeviceProfile:
             share the machine's cores, so 8 of them on 2 cores take turns.
         collective_overhead: fixed seconds every collective costs besides its links' latency (the
             logical CPU devices of one process synchronize their threads for each one).
+        tap_seconds: seconds per training step that each kernel tap of keras_lwp's tap-by-tap
+            implementations (LayerRule.tap_passes) costs besides its traffic: the slices, stacks and
+            scatters every device runs per tap. Calibrated (keras_lwp.cost.calibration); 0 in the
+            datasheet profiles.
         sources: where the numbers come from.
     """
 
@@ -48,6 +52,7 @@ class DeviceProfile:
     inter_node: Link
     concurrent_devices: object = None
     collective_overhead: float = 0.0
+    tap_seconds: float = 0.0
     sources: str = field(default="", compare=False)
 
     @property

@@ -111,6 +111,7 @@ class AnalyticCostModel(CostModel):
             # Backward: input gradient (+ weight gradient when the layer has weights).
             flops *= 3.0 if has_weights else 2.0
             compute += self._roofline(flops, rule.memory_traffic(info, call, config) / shards)
+            compute += rule.tap_passes(info, call, config) * self.profile.tap_seconds
             out = call.outputs[0]
             out_shard = out.nbytes / self.mesh.parts(place.output_layout(out))
             reductions = place.partial_sums()

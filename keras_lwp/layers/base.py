@@ -101,6 +101,13 @@ class LayerRule:
         del info, config
         return 3.0 * sum(t.nbytes for t in call.inputs + call.outputs)
 
+    def tap_passes(self, info, call, config):
+        """How many kernel taps keras_lwp's own implementation of `config` handles one by one (a slice
+        forward, its scatter backward, per tap), each priced at the profile's calibrated `tap_seconds`:
+        0 where DTensor runs the layer's own kernels (the default)."""
+        del info, call, config
+        return 0
+
     def trained_weights(self, info):
         """Per weight, whether training computes its gradient (and so synchronizes and updates it):
         its `trainable` flag, unless no call of the layer reads it."""

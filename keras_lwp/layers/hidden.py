@@ -81,6 +81,11 @@ class HiddenConvRule(ConvRule):
         passes = 8 if groups > 1 and filters == groups else 4
         return traffic + passes * patches + 2 * taps * call.inputs[0].nbytes
 
+    def tap_passes(self, info, call, config):
+        if not self._computes(info, config):
+            return 0  # DTensor runs the layer's own convolution
+        return math.prod(next(w for w in info.weights if w.name.endswith("kernel")).shape[:-2])
+
     def implementation(self, info, config):
         hidden = [d for d in config if d != "sample"]
         refused = [d for d in hidden if not self.supports(info, d)]

@@ -66,6 +66,11 @@ class HiddenDepthwiseRule(halo.WindowedSplits, SampleOnlyConvRule):
         stacked = taps * call.outputs[0].nbytes / multiplier
         return traffic + (3 + 5 * multiplier) * stacked + 2 * taps * call.inputs[0].nbytes
 
+    def tap_passes(self, info, call, config):
+        if not config:
+            return 0  # replicated: the native kernel
+        return math.prod(next(w for w in info.weights if w.name.endswith("kernel")).shape[:-2])
+
     def implementation(self, info, config):
         if not config:
             return None  # replicated: DTensor runs the layer's own kernels, whole

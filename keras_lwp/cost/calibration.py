@@ -17,7 +17,10 @@ against its all-reduces, so "auto" replicated layers and measured 4x the step of
   per device on that machine's 4x2 mesh, against the datasheet profile's 10 GB/s, which sat beside a
   FLOP rate with the sharing inside and priced memory-bound layers about 2x too cheap);
 - seconds per kernel tap of keras_lwp's tap-by-tap implementations (split depthwise and grouped
-  convolutions): from a probe of depthwise layers on 2x2 maps, less what the figures above price.
+  convolutions): the step of a probe of 5x5 depthwise layers on 2x2 maps less the same probe's with
+  1x1 kernels, less the arithmetic and traffic the extra taps add at the figures above, over the
+  extra taps. A difference of two steps, not one step less everything else priced: the remainder
+  of the latter was a few per cent of the step, within the noise, and came out 0 on a faster machine.
 
 About 30 s on that machine, cached per machine and mesh. `default_profile` makes it what "analytic"
 uses when the mesh's devices are in this process (keras_lwp.planner, keras_lwp.runtime).
@@ -32,10 +35,12 @@ from keras_lwp.cost.model import AnalyticCostModel
 from keras_lwp.layers import dimensions_of, rule_for
 from keras_lwp.mesh import mesh_spec_of
 
-CALIBRATION_VERSION = 5  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0;
-# 4: memory bandwidth measured; 5: seconds per kernel tap of keras_lwp's tap-by-tap implementations
+CALIBRATION_VERSION = 6  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0;
+# 4: memory bandwidth measured; 5: seconds per kernel tap of keras_lwp's tap-by-tap implementations;
+# 6: seconds per tap from two depthwise probes' difference
 # Per-device batch of the probes: the few samples a device gets from a typical global batch.
 PROBE_SAMPLES = 4
+TAP_PROBE_LAYERS = 6
 
 _calibrated = {}  # (MeshSpec, cache dir) -> DeviceProfile, for this process
 
@@ -76,17 +81,18 @@ def _traffic_probe_model():
     return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="keras_lwp_traffic_probe")
 
 
-def _tap_probe_model():
-    """Depthwise convolutions on the small maps a depthwise network ends in (2x2, a device's few
-    samples), which data parallelism runs through keras_lwp.layers.hidden_depthwise: their step is
-    the fixed cost per kernel tap of that implementation, not arithmetic or traffic (MobileNetV2 at
-    32x32 on 8 logical CPUs: 7.8 ms per split 3x3 layer on 1x1 maps, priced at 0.5 ms by its traffic)."""
+def _tap_probe_model(kernel):
+    """Depthwise convolutions with `kernel`-wide kernels on the small maps a depthwise network ends
+    in (2x2, a device's few samples), which data parallelism runs through
+    keras_lwp.layers.hidden_depthwise: what their step grows by with the kernel is the fixed cost per
+    kernel tap of that implementation, not arithmetic or traffic (MobileNetV2 at 32x32 on 8 logical
+    CPUs: 7.8 ms per split 3x3 layer on 1x1 maps, priced at 0.5 ms by its traffic)."""
     import keras
 
     layers = keras.layers
     x = inputs = keras.Input((2, 2, 64), dtype="float32", name="keras_lwp_probe_maps")
-    for _ in range(4):
-        x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, dtype="float32")(x)
+    for _ in range(TAP_PROBE_LAYERS):
+        x = layers.DepthwiseConv2D(kernel, padding="same", use_bias=False, dtype="float32")(x)
     x = layers.GlobalAveragePooling2D(dtype="float32")(x)
     return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="keras_lwp_tap_probe")
 
@@ -148,7 +154,7 @@ def _measure(spec, profiler, progress):
     if progress:
         print(f"keras_lwp: calibrating the cost model on {spec} (once per machine and mesh; cached in "
               f"{profiler.cache.path})")
-    bar = keras.utils.Progbar(5, verbose=1 if progress else 0, unit_name="measurement")
+    bar = keras.utils.Progbar(6, verbose=1 if progress else 0, unit_name="measurement")
     flat = spec.flattened()
     sibling = profiler.for_mesh(flat)
     # Links: the all-reduce over every mesh axis, read as a ring (keras_lwp.cost.comm.allreduce_time):
@@ -178,14 +184,17 @@ def _measure(spec, profiler, progress):
     bar.add(1)
     traffic_seconds = max(seconds - overhead - communication - flops / flop_rate, 0.1 * seconds)
     memory_bandwidth = nbytes / traffic_seconds
-    # Per kernel tap of the tap-by-tap implementations: the depthwise probe's step less everything
-    # else the analytic model prices (its arithmetic and traffic at the rates just measured, which
-    # bound the roofline from above), over the taps its split layers run.
-    seconds, graph = sibling.timer.fit_step(profiler.optimizer, batch, model=_tap_probe_model())
-    flops, nbytes, communication = _work(graph, flat, link)
-    taps = _taps(graph, flat)
-    bar.add(1)
-    tap_seconds = max(seconds - overhead - communication - flops / flop_rate - nbytes / memory_bandwidth, 0.0) / max(taps, 1)
+    # Per kernel tap of the tap-by-tap implementations: what the depthwise probe's step grows by from
+    # 1x1 to 5x5 kernels (fit's overhead, the all-reduces and the maps' traffic cancel), less the
+    # arithmetic and traffic the larger kernels add at the rates just measured, over the added taps.
+    work = {}
+    for kernel in (1, 5):
+        seconds, graph = sibling.timer.fit_step(profiler.optimizer, batch, model=_tap_probe_model(kernel))
+        flops, nbytes, _ = _work(graph, flat, link)
+        work[kernel] = (seconds - flops / flop_rate - nbytes / memory_bandwidth, _taps(graph, flat))
+        bar.add(1)
+    (small, small_taps), (large, large_taps) = work[1], work[5]
+    tap_seconds = max(large - small, 0.0) / (large_taps - small_taps)
     return {"flops": flop_rate, "memory_bandwidth": memory_bandwidth, "bandwidth": bandwidth, "latency": latency,
             "tap_seconds": tap_seconds}
 

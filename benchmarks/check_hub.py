@@ -3,6 +3,7 @@
 
     python -m benchmarks.check_hub
     python -m benchmarks.check_hub --models bert,gpt2 --steps 6
+    python -m benchmarks.check_hub --models mistral,gemma,f_net --strategies auto,random0 --rounds 0
 
 For each model and mesh: the plan's splits (how many layers split, which split each transformer block
 runs) and the worst weight error after `--steps` fit steps in float64 relative to the largest weight
@@ -13,7 +14,6 @@ them, all in this process (8 logical devices share this machine's cores: the fig
 strategies with each other; the one-device figure runs on one of the 8 logical devices).
 """
 
-import contextlib
 import os
 import sys
 
@@ -24,10 +24,11 @@ from absl import app, flags, logging  # noqa: E402
 from benchmarks.steady import interleaved_medians, timed_fit  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["bert", "gpt2", "llama", "vit"], "keras_hub backbones.")
+flags.DEFINE_list("models", ["bert", "gpt2", "llama", "vit"], "keras_hub backbones (also those of OTHER_TEXT).")
 flags.DEFINE_list("meshes", ["4x2", "8"], "Meshes to plan on.")
 flags.DEFINE_list("strategies", ["data", "owt", "auto"], "Strategies timed beside one device (also "
-                  "'auto-profiled': auto with cost_model='profiled').")
+                  "'auto-profiled': auto with cost_model='profiled'; 'random<seed>': a random valid plan, "
+                  "not one of the baselines auto is held against).")
 flags.DEFINE_integer("batch_size", 16, "Global batch size.")
 flags.DEFINE_integer("length", 64, "Sequence length (image side / 2 for ViT).")
 flags.DEFINE_integer("steps", 3, "fit steps of the float64 comparison with one device.")
@@ -35,6 +36,27 @@ flags.DEFINE_integer("timed_steps", 6, "fit steps per timing round (float32; the
 flags.DEFINE_integer("rounds", 4, "Timing rounds, interleaved across the contenders (0: no timing).")
 
 VOCABULARY = 512
+# More text backbones (class, keyword arguments at a sequence length), built and checked like GPT-2:
+# a language-model head over the sequence output. Their float64 check is what they are here for.
+_DECODER = dict(vocabulary_size=VOCABULARY, num_layers=2, hidden_dim=64, intermediate_dim=128)
+OTHER_TEXT = {
+    "mistral": ("MistralBackbone", lambda n: dict(num_query_heads=4, num_key_value_heads=2, **_DECODER)),
+    "gemma": ("GemmaBackbone", lambda n: dict(num_query_heads=4, num_key_value_heads=2, head_dim=16, **_DECODER)),
+    "qwen": ("QwenBackbone", lambda n: dict(num_query_heads=4, num_key_value_heads=2, **_DECODER)),
+    "phi3": ("Phi3Backbone", lambda n: dict(num_query_heads=4, num_key_value_heads=2, **_DECODER)),
+    "falcon": ("FalconBackbone", lambda n: dict(vocabulary_size=VOCABULARY, num_layers=2, num_attention_heads=4,
+                                               hidden_dim=64, intermediate_dim=128)),
+    "opt": ("OPTBackbone", lambda n: dict(num_heads=4, max_sequence_length=n, **_DECODER)),
+    "gpt_neox": ("GPTNeoXBackbone", lambda n: dict(num_heads=4, max_sequence_length=n, **_DECODER)),
+    "bloom": ("BloomBackbone", lambda n: dict(num_heads=4, **_DECODER)),
+    "distil_bert": ("DistilBertBackbone", lambda n: dict(num_heads=4, max_sequence_length=n, **_DECODER)),
+    "roberta": ("RobertaBackbone", lambda n: dict(num_heads=4, max_sequence_length=n, **_DECODER)),
+    "electra": ("ElectraBackbone", lambda n: dict(vocab_size=VOCABULARY, num_layers=2, num_heads=4, hidden_dim=64,
+                                                 embedding_dim=64, intermediate_dim=128, max_sequence_length=n)),
+    "albert": ("AlbertBackbone", lambda n: dict(num_heads=4, embedding_dim=32, max_sequence_length=n, **_DECODER)),
+    "deberta_v3": ("DebertaV3Backbone", lambda n: dict(num_heads=4, max_sequence_length=n, bucket_size=8, **_DECODER)),
+    "f_net": ("FNetBackbone", lambda n: dict(max_sequence_length=n, **_DECODER)),
+}
 
 
 def build(name):
@@ -67,16 +89,20 @@ def build(name):
     if name == "gpt2":
         backbone = keras_hub.models.GPT2Backbone(vocabulary_size=VOCABULARY, num_heads=4, max_sequence_length=length,
                                                  **common)
-    else:  # a Llama-style decoder: rotary embeddings, grouped-query attention, gated feed-forward, RMS norms
+    elif name == "llama":  # rotary embeddings, grouped-query attention, gated feed-forward, RMS norms
         backbone = keras_hub.models.LlamaBackbone(vocabulary_size=VOCABULARY, num_query_heads=4, num_key_value_heads=2,
                                                   **common)
-    logits = keras.layers.Dense(VOCABULARY, name="lm_head")(backbone.output)
-    model = keras.Model(backbone.input, logits)
-    shapes = {"token_ids": (length,), "padding_mask": (length,)}
+    else:
+        backbone = getattr(keras_hub.models, OTHER_TEXT[name][0])(**OTHER_TEXT[name][1](length))
+    output = backbone.output["sequence_output"] if isinstance(backbone.output, dict) else backbone.output
+    model = keras.Model(backbone.input, keras.layers.Dense(VOCABULARY, name="lm_head")(output))
+    shapes = {key: (length,) for key in backbone.input}
 
-    def data(rng):  # a causal LM: predict each next token
+    def data(rng):  # a causal LM: predict each next token (the encoders too: only the numbers matter here)
         tokens = rng.integers(0, VOCABULARY, (batch, length + 1))
-        return {"token_ids": tokens[:, :-1], "padding_mask": np.ones((batch, length), int)}, tokens[:, 1:]
+        x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((batch, length), int),
+             "segment_ids": np.zeros((batch, length), int)}
+        return {key: x[key] for key in backbone.input}, tokens[:, 1:]
 
     return model, shapes, data
 
@@ -93,8 +119,14 @@ def make(name, mesh, strategy):
     if strategy is not None:
         # "auto-profiled": auto with the cost model measured on this mesh (cached on disk)
         cost_model = "profiled" if strategy == "auto-profiled" else "analytic"
-        keras_lwp.parallelize(model, keras_lwp.make_mesh(mesh), strategy=strategy.replace("-profiled", ""),
-                              batch_size=FLAGS.batch_size, input_shapes=shapes, cost_model=cost_model)
+        mesh = keras_lwp.make_mesh(mesh)
+        if strategy.startswith("random"):  # "random<seed>": a random valid plan
+            strategy = keras_lwp.planner.random_strategy(model, mesh, FLAGS.batch_size, int(strategy[6:]),
+                                                         input_shapes=shapes)
+        else:
+            strategy = strategy.replace("-profiled", "")
+        keras_lwp.parallelize(model, mesh, strategy=strategy, batch_size=FLAGS.batch_size, input_shapes=shapes,
+                              cost_model=cost_model)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, data(np.random.default_rng(0))
 
@@ -111,47 +143,22 @@ def fit_steps(model, data, steps):
     return timed_fit(model, x, y, FLAGS.batch_size)["steps"]
 
 
-@contextlib.contextmanager
-def float64_throughout():
-    """keras_hub 0.32's Llama computes its attention softmax, SiLU and RMS norms in float32 whatever
-    the dtype. In a float64 run those casts round to float32 and turn the 1e-16 differences of a sum
-    split over devices into 1e-7 ones (Llama, one device against data parallelism on 8, 3 Adam steps:
-    2.9e-7 with them, 1.7e-15 without). Inside this context they run in float64, alike for one device
-    and every strategy, so the float64 check sees what keras_lwp changes and nothing else."""
-    import keras
-
-    cast, init = keras.ops.cast, keras.layers.Layer.__init__
-
-    def float64_cast(x, dtype):
-        if (keras.backend.standardize_dtype(dtype) == "float32" and hasattr(x, "dtype")
-                and keras.backend.standardize_dtype(x.dtype) == "float64"):
-            return x
-        return cast(x, dtype)
-
-    def float64_init(self, *args, **kwargs):
-        if kwargs.get("dtype") == "float32":
-            kwargs["dtype"] = "float64"
-        init(self, *args, **kwargs)
-
-    keras.ops.cast, keras.layers.Layer.__init__ = float64_cast, float64_init
-    try:
-        yield
-    finally:
-        keras.ops.cast, keras.layers.Layer.__init__ = cast, init
-
-
 def numerics(name, mesh, strategy):
-    """(weights after --steps fit steps, plan or None), in float64 throughout (float64_throughout)."""
+    """(weights after --steps fit steps, plan or None, its blocks' configurations or None), in float64
+    throughout (float64_throughout)."""
     import numpy as np
 
     import keras_lwp
     from keras_lwp.placement import to_host
+    from tests.precision import float64_throughout
 
     with float64_throughout():
         model, data = make(name, mesh, strategy)
         fit_steps(model, data, FLAGS.steps)
-    plan = keras_lwp.strategy_of(model) if strategy is not None else None
-    return [np.asarray(to_host(v.value)) for v in model.weights], plan
+    weights = [np.asarray(to_host(v.value)) for v in model.weights]
+    if strategy is None:
+        return weights, None, None
+    return weights, keras_lwp.strategy_of(model), blocks_of(model)
 
 
 def timing(name, mesh):
@@ -165,16 +172,21 @@ def timing(name, mesh):
         contenders[strategy] = make(name, mesh, strategy)
     for model, data in contenders.values():
         fit_steps(model, data, 2)  # tracing
-    blocks = {key: blocks_of(keras_lwp.strategy_of(model))
+    blocks = {key: blocks_of(model)
               for key, (model, _) in contenders.items() if key != "one device"}
     medians = interleaved_medians(FLAGS.rounds, {
         key: (lambda key=key: fit_steps(*contenders[key], FLAGS.timed_steps)) for key in contenders})
     return medians, blocks
 
 
-def blocks_of(plan):
-    """The configurations the plan gives the transformer blocks."""
-    return sorted({str(plan[n]) for n in plan if n.startswith(("transformer", "vit_encoder"))})
+def blocks_of(model):
+    """The configurations the plan of parallelized `model` gives its transformer blocks (the layers
+    made of layers, which keras_lwp plans through their sub-layers)."""
+    import keras_lwp
+
+    plan = keras_lwp.strategy_of(model)
+    composite = {layer.name for layer in model.layers if getattr(layer, "_layers", None)}
+    return sorted({str(plan[name]) for name in plan if name in composite})
 
 
 def main(argv):
@@ -194,19 +206,19 @@ def main(argv):
     for name in FLAGS.models:
         keras.config.set_floatx("float64")
         keras.config.set_dtype_policy("float64")
-        reference, _ = numerics(name, None, None)
+        reference, _, _ = numerics(name, None, None)
         scale = max(float(np.max(np.abs(w))) for w in reference if w.size)
         for mesh_text in FLAGS.meshes:
             mesh = dict(zip("xy", (int(s) for s in mesh_text.split("x"))))
             keras.config.set_floatx("float64")
             keras.config.set_dtype_policy("float64")
             for strategy in FLAGS.strategies:
-                weights, plan = numerics(name, mesh, strategy)
+                weights, plan, blocks = numerics(name, mesh, strategy)
                 worst = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, weights)) / scale
                 worst_all = max(worst_all, worst)
                 split = sum(1 for c in plan.values() if c)
                 print(f"{name:<6} {mesh_text:<4} {strategy:<5} {split}/{len(plan)} layers split, "
-                      f"blocks {blocks_of(plan)}  "
+                      f"blocks {blocks}  "
                       f"worst weight error {worst:.1e}", flush=True)
             if FLAGS.rounds <= 0:
                 continue
@@ -217,7 +229,7 @@ def main(argv):
             print(f"{name:<6} {mesh_text:<4} float32 plans: " + "  ".join(
                 f"{key} blocks {plan}" for key, plan in timed_blocks.items()), flush=True)
             line = f"{name:<6} {mesh_text:<4} float32 steady step: {figures}"
-            others = [times[s] for s in FLAGS.strategies if not s.startswith("auto")]
+            others = [times[s] for s in FLAGS.strategies if not s.startswith(("auto", "random"))]
             if "auto" in times and others:
                 ratio = min(others) / times["auto"]
                 slowest = ratio if slowest is None else min(slowest, ratio)
@@ -226,7 +238,7 @@ def main(argv):
     print(f"goal: every model equal to one device within 1e-9 (float64): {'met' if worst_all <= 1e-9 else 'MISSED'} "
           f"(worst {worst_all:.1e})")
     if slowest is not None:
-        baselines = ", ".join(s for s in FLAGS.strategies if not s.startswith("auto"))
+        baselines = ", ".join(s for s in FLAGS.strategies if not s.startswith(("auto", "random")))
         print(f"goal: auto at least as fast as the best of {baselines} "
               f"(within 5% noise) on every model and mesh: {'met' if slowest >= 0.95 else 'MISSED'} "
               f"(worst auto/best ratio {slowest:.2f}x)")

@@ -139,3 +139,52 @@ def test_a_position_embedding_read_from_an_offset_runs_whole():
     model = keras.Model(inputs, keras.layers.Add(name="add")([inputs, shifted, plain]))
     plan = keras_lwp.search(model, MESH, BATCH, strategy="data")
     assert plan["shifted"] == keras_lwp.Config({}) and "sample" in dict(plan["plain"])
+
+
+def gemma_lm():
+    """Gemma: RMS norms, grouped-query attention, a gated feed-forward, a tied reversible embedding."""
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=VOCABULARY, num_layers=2, num_query_heads=4,
+                                              num_key_value_heads=2, hidden_dim=32, intermediate_dim=64, head_dim=8)
+    return keras.Model(backbone.input, keras.layers.Dense(VOCABULARY, name="lm_head")(backbone.output))
+
+
+def deberta_lm():
+    """DeBERTa-v3: disentangled attention over relative-position buckets, a relative embedding."""
+    backbone = keras_hub.models.DebertaV3Backbone(vocabulary_size=VOCABULARY, num_layers=2, num_heads=2, hidden_dim=32,
+                                                  intermediate_dim=64, max_sequence_length=LENGTH, bucket_size=8)
+    return keras.Model(backbone.input, keras.layers.Dense(VOCABULARY, name="lm_head")(backbone.output))
+
+
+# Random plans (seed 1) that run a block by attention heads: Gemma's second decoder block on x,
+# both of DeBERTa's encoder layers by samples on x and heads on y.
+OTHER_BACKBONES = {"gemma": (gemma_lm, 1, "decoder_block_1"),
+                   "deberta_v3": (deberta_lm, 1, "disentangled_attention_encoder_layer_0")}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_BACKBONES))
+def test_other_backbones_train_like_one_device_under_a_random_plan(name):
+    """Architectures beyond BERT's, as a user brings them: a language-model head over the sequence."""
+    build, seed, block = OTHER_BACKBONES[name]
+    x, _ = data()
+    x = {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}
+    y = np.roll(x["token_ids"], -1, axis=1)
+    shapes = {key: (LENGTH,) for key in x}
+
+    def run(parallel):
+        with precision.float64(), precision.float64_throughout():
+            keras.utils.set_random_seed(1)
+            model = build()
+            if parallel:
+                plan = random_strategy(model, MESH, BATCH, seed=seed, input_shapes=shapes)
+                assert "heads" in dict(plan[block]), "the plan does not split a block by heads"
+                keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=plan, batch_size=BATCH,
+                                      input_shapes=shapes)
+            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            losses = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0).history["loss"]
+            return losses, [np.asarray(to_host(v.value)) for v in model.weights]
+
+    (want_losses, want), (got_losses, got) = run(False), run(True)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-9)
+    scale = max(float(np.max(np.abs(w))) for w in want)
+    for reference, weight in zip(want, got):
+        np.testing.assert_allclose(weight, reference, rtol=1e-9, atol=1e-9 * scale)

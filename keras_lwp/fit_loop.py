@@ -9,6 +9,7 @@ A batch whose size a mesh axis does not divide (the last partial batch) runs wit
 dimension replicated along that axis: same numbers, nothing dropped.
 """
 
+import re
 import types
 import warnings
 import weakref
@@ -130,7 +131,23 @@ def _step_function(model, step):
                       "without XLA: TensorFlow DTensor expands them into per-device programs XLA does not compile. "
                       "The numbers are the same; compile with jit_compile=False to silence this.", stacklevel=3)
     # No reduce_retracing: a relaxed (None) batch dimension would hide whether the batch divides.
-    return step if model.run_eagerly else tf.function(step)
+    compiled = step if model.run_eagerly else tf.function(step)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except tf.errors.UnknownError as error:
+            refused = re.search(r"'tf\.(\w+)' op does not implement layout propagation", str(error))
+            if refused is None:
+                raise
+            raise NotImplementedError(
+                f"Model '{model.name}' runs the TensorFlow op {refused[1]} in its step, and TensorFlow DTensor "
+                f"has no layout rule for it, under any plan (replicated too), so keras_lwp cannot run this "
+                f"model sharded. Train the model without keras_lwp.parallelize, or replace the call that makes "
+                f"this op in its layer. (keras_lwp refuses the layers that use the ops it knows of before it "
+                f"changes anything: keras_lwp.runtime.UNRUNNABLE_OPS lacks this one.)") from error
+
+    return run
 
 
 def _make_train_function(model, force=False):

@@ -174,6 +174,9 @@ UNRUNNABLE_OPS = frozenset({
     "TensorListPushBack", "TensorListPopBack", "TensorListConcatV2", "TensorListSplit", "TensorListGather",
     "TensorListScatterIntoExistingList", "TensorArrayV3", "OptionalFromValue", "ExtractImagePatches",
     "FusedBatchNormV3", "FusedBatchNormGradV3", "ReverseV2",
+    # keras.ops.slice_update and keras.ops.roll on TensorFlow (keras_hub's Swin Transformer blocks).
+    # Run replicated by DTensor's default instead, XlaDynamicUpdateSlice crashed the process.
+    "XlaDynamicUpdateSlice", "Roll",
 })
 
 
@@ -204,19 +207,28 @@ def _ops_of(info):
     layer = info.layer
     specs = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype)) for t in call.inputs]
 
+    def forward(*xs):
+        args, kwargs = keras_internals.call_arguments(call.node, {id(t): x for t, x in zip(call.node.input_tensors, xs)})
+        return layer(*args, **kwargs)
+
     def forward_and_backward(*xs):
         floats = [x for x in xs if x.dtype.is_floating]
         with tf.GradientTape() as tape:
             tape.watch(floats)
-            args, kwargs = keras_internals.call_arguments(call.node, {id(t): x for t, x in zip(call.node.input_tensors, xs)})
-            out = layer(*args, **kwargs)
+            out = forward(*xs)
         outs = [o for o in keras.tree.flatten(out) if tf.is_tensor(o) and o.dtype.is_floating]
         sources = floats + list(layer.trainable_variables)
         return tape.gradient(outs, sources) if outs and sources else outs
 
-    try:
-        graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
-    except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
+    graph_def = None
+    # Forward alone when the backward does not trace (an op with no gradient, on constants: Swin's mask).
+    for function in (forward_and_backward, forward):
+        try:
+            graph_def = tf.function(function).get_concrete_function(*specs).graph.as_graph_def()
+            break
+        except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
+            continue
+    if graph_def is None:
         return set()
     ops = {node.op for node in graph_def.node}
     for function in graph_def.library.function:

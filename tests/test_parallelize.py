@@ -239,3 +239,30 @@ def test_one_device_mesh():
     for model in (plain, single):
         model.compile(keras.optimizers.Adam(1e-3), LOSS)
     assert_histories_equal(*(m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0) for m in (plain, single)))
+
+
+@pytest.mark.parametrize("strategy", ["data", "random"])
+def test_a_host_constant_in_the_graph_trains_like_one_device(strategy):
+    """keras_hub's ViTDet subtracts an `ops.array` of ImageNet means from its input: the functional
+    graph holds a host tensor as an operation's argument, which a DTensor step cannot capture."""
+    from keras_lwp.planner import random_strategy
+    from tests import precision
+
+    def run(parallel):
+        with precision.float64():
+            keras.utils.set_random_seed(3)
+            inputs = keras.Input((6, 6, 3))
+            x = (inputs - keras.ops.array([0.485, 0.456, 0.406], "float64")) / keras.ops.array([0.229, 0.224, 0.225],
+                                                                                               "float64")
+            x = keras.layers.Conv2D(4, 3, name="conv")(x)
+            model = keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(x)))
+            if parallel:
+                plan = strategy if strategy == "data" else random_strategy(model, MESH, 8, seed=0)
+                keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=plan, batch_size=8)
+            model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            rng = np.random.default_rng(0)
+            model.fit(rng.random((16, 6, 6, 3)), rng.integers(0, 3, 16), batch_size=8, shuffle=False, verbose=0)
+            return [np.asarray(to_host(v.value)) for v in model.weights]
+
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

@@ -67,6 +67,33 @@ SCRIPT = textwrap.dedent('''
         print("running: refused")
     assert getattr(model, "_keras_lwp", None) is None
     train(model)  # the refused model still trains, unparallelized
+
+    class Patch(keras.layers.Layer):  # a mask made with keras.ops.slice_update (XlaDynamicUpdateSlice), as Swin's
+        def call(self, x):
+            mask = keras.ops.slice_update(keras.ops.ones((6, 4), x.dtype), [0, 0], keras.ops.zeros((2, 4), x.dtype))
+            return x * mask
+
+    model = model_with(Patch(name="patch"))
+    try:
+        keras_lwp.parallelize(model, mesh, batch_size=8)
+        raise AssertionError("a layer using XlaDynamicUpdateSlice was not refused")
+    except ValueError as error:
+        assert "'patch'" in str(error) and "XlaDynamicUpdateSlice" in str(error), error
+    assert getattr(model, "_keras_lwp", None) is None
+    train(model)
+    # An op keras_lwp does not know DTensor lacks: fit says which, and the process survives.
+    from keras_lwp import runtime
+    runtime.UNRUNNABLE_OPS = runtime.UNRUNNABLE_OPS - {"XlaDynamicUpdateSlice"}
+    model = model_with(Patch(name="patch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keras_lwp.parallelize(model, mesh, batch_size=8)
+    try:
+        train(model)
+        raise AssertionError("the step ran an op DTensor has no layout rule for")
+    except NotImplementedError as error:
+        assert "XlaDynamicUpdateSlice" in str(error) and "UNRUNNABLE_OPS" in str(error), error
+        print("patch: refused, then explained at fit")
     print("done")
 ''')
 
@@ -76,3 +103,4 @@ def test_layers_without_rules_train_or_are_refused_and_the_process_survives():
     assert result.returncode == 0, f"exit code {result.returncode}:\n{result.stdout}\n{result.stderr[-3000:]}"
     assert result.stdout.split()[-1] == "done"
     assert "scale: trained like plain Keras" in result.stdout and "running: refused" in result.stdout
+    assert "patch: refused, then explained at fit" in result.stdout

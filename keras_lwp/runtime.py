@@ -178,6 +178,10 @@ UNRUNNABLE_OPS = frozenset({
     # Run replicated by DTensor's default instead, XlaDynamicUpdateSlice crashed the process.
     "XlaDynamicUpdateSlice", "Roll",
 })
+# What `_ops_of` reports for a function compiled with XLA (jit_compile=True): Keras computes grouped
+# convolutions so; DTensor runs them without XLA, to wrong gradients and no error (keras_hub's HGNetV2,
+# whose blocks hold grouped Conv2D layers: every plan trained 2e-3 away from one device, its loss read 0).
+JIT_COMPILED = "an XLA-compiled function (jit_compile=True; Keras' grouped convolutions)"
 
 
 def _refuse_layers_dtensor_cannot_run(graph):
@@ -187,11 +191,11 @@ def _refuse_layers_dtensor_cannot_run(graph):
         info = graph.nodes[name]["info"]
         if info.class_name == "InputLayer" or has_rule_for(info) and not is_composite(info):
             continue  # a composite layer runs its own call: its ops are checked like an unknown layer's
-        unrunnable = sorted(_ops_of(info) & UNRUNNABLE_OPS)
+        unrunnable = sorted(_ops_of(info) & (UNRUNNABLE_OPS | {JIT_COMPILED}))
         if unrunnable:
             raise ValueError(
                 f"Layer '{name}' ({info.class_name}) runs its own code (no keras_lwp rule of its own) and computes with {unrunnable[0]}, an op "
-                "TensorFlow DTensor cannot run on a mesh (it fails, or crashes the process). Register a rule whose "
+                "TensorFlow DTensor cannot run on a mesh (it fails, crashes the process, or computes wrong values). Register a rule whose "
                 "implementation avoids that op (keras_lwp.layers.register_rule; docs/how-it-works.md, 'Adding a layer "
                 "rule'), or build the model without this layer.")
 
@@ -230,9 +234,10 @@ def _ops_of(info):
             continue
     if graph_def is None:
         return set()
-    ops = {node.op for node in graph_def.node}
-    for function in graph_def.library.function:
-        ops.update(node.op for node in function.node_def)
+    nodes = list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]
+    ops = {node.op for node in nodes}
+    if any("_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b for node in nodes):
+        ops.add(JIT_COMPILED)
     return ops
 
 

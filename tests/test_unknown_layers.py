@@ -81,6 +81,20 @@ SCRIPT = textwrap.dedent('''
         assert "'patch'" in str(error) and "XlaDynamicUpdateSlice" in str(error), error
     assert getattr(model, "_keras_lwp", None) is None
     train(model)
+    class Grouped(keras.layers.Layer):  # a grouped convolution inside: Keras compiles it with XLA
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv1D(4, 3, groups=2, padding="same")
+        def call(self, x):
+            return self.conv(x)
+
+    model = model_with(Grouped(name="grouped"))
+    try:
+        keras_lwp.parallelize(model, mesh, batch_size=8)
+        raise AssertionError("a layer holding an XLA-compiled grouped convolution was not refused")
+    except ValueError as error:
+        assert "'grouped'" in str(error) and "jit_compile=True" in str(error), error
+    assert getattr(model, "_keras_lwp", None) is None
     # An op keras_lwp does not know DTensor lacks: fit says which, and the process survives.
     from keras_lwp import runtime
     runtime.UNRUNNABLE_OPS = runtime.UNRUNNABLE_OPS - {"XlaDynamicUpdateSlice"}

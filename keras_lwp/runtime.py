@@ -225,7 +225,7 @@ def _ops_of(info):
         return tape.gradient(outs, sources) if outs and sources else outs
 
     graph_def = None
-    # Forward alone when the backward does not trace (an op with no gradient, on constants: Swin's mask).
+    # Forward alone when the backward does not trace (an op without a gradient, such as XlaDynamicUpdateSlice).
     for function in (forward_and_backward, forward):
         try:
             graph_def = tf.function(function).get_concrete_function(*specs).graph.as_graph_def()

@@ -211,28 +211,19 @@ def _ops_of(info):
     layer = info.layer
     specs = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype)) for t in call.inputs]
 
-    def forward(*xs):
-        args, kwargs = keras_internals.call_arguments(call.node, {id(t): x for t, x in zip(call.node.input_tensors, xs)})
-        return layer(*args, **kwargs)
-
     def forward_and_backward(*xs):
         floats = [x for x in xs if x.dtype.is_floating]
         with tf.GradientTape() as tape:
             tape.watch(floats)
-            out = forward(*xs)
+            args, kwargs = keras_internals.call_arguments(call.node, {id(t): x for t, x in zip(call.node.input_tensors, xs)})
+            out = layer(*args, **kwargs)
         outs = [o for o in keras.tree.flatten(out) if tf.is_tensor(o) and o.dtype.is_floating]
         sources = floats + list(layer.trainable_variables)
         return tape.gradient(outs, sources) if outs and sources else outs
 
-    graph_def = None
-    # Forward alone when the backward does not trace (an op without a gradient, such as XlaDynamicUpdateSlice).
-    for function in (forward_and_backward, forward):
-        try:
-            graph_def = tf.function(function).get_concrete_function(*specs).graph.as_graph_def()
-            break
-        except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
-            continue
-    if graph_def is None:
+    try:
+        graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
+    except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
         return set()
     nodes = list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]
     ops = {node.op for node in nodes}

@@ -44,7 +44,7 @@ def wrap_call(layer, place, mesh, sources=None):
         for key, index in keywords.items():
             if tf.is_tensor(kwargs.get(key)):
                 kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources)
-        kwargs = {key: _in_graph(value) for key, value in kwargs.items()}
+        kwargs = {key: _on_mesh(value, mesh) for key, value in kwargs.items()}
         with draws_as_one_device(mesh):
             outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
         return keras.tree.map_structure(
@@ -66,21 +66,23 @@ def _keyword_inputs(info):
 def _relayout_input(place, index, tensor, mesh, sources):
     import tensorflow as tf
 
-    tensor = _in_graph(tensor)
+    tensor = _on_mesh(tensor, mesh)
     if not tf.is_tensor(tensor) or index >= len(place.info.calls[0].inputs):
         return tensor
     return placement.relayout(tensor, place.input_layout(index, tensor), mesh, source=sources.get(index))
 
 
-def _in_graph(value):
+def _on_mesh(value, mesh):
     """A host tensor the model's graph holds as an argument (keras_hub's ViTDet subtracts an
-    `ops.array` of ImageNet means from its input) made a constant of the function being traced: a
-    DTensor function refuses captured tensors that are not DTensors."""
+    `ops.array` of ImageNet means from its input), which a DTensor function refuses to capture: made
+    a constant of the function being traced, or, run eagerly, put on the mesh replicated."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
-    if not (isinstance(value, tf.Tensor) and hasattr(value, "numpy")) or tf.executing_eagerly():
+    if not (isinstance(value, tf.Tensor) and hasattr(value, "numpy")):
         return value
+    if tf.executing_eagerly():
+        return value if dtensor.is_dtensor(value) else placement.to_mesh(value, (None,) * value.shape.rank, mesh)
     with tf.init_scope():  # eager: is_dtensor and numpy need it
         if dtensor.is_dtensor(value):
             return value

@@ -241,8 +241,8 @@ def test_one_device_mesh():
     assert_histories_equal(*(m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0) for m in (plain, single)))
 
 
-@pytest.mark.parametrize("strategy", ["data", "random"])
-def test_a_host_constant_in_the_graph_trains_like_one_device(strategy):
+@pytest.mark.parametrize("strategy,eager", [("data", False), ("random", False), ("data", True)])
+def test_a_host_constant_in_the_graph_trains_like_one_device(strategy, eager):
     """keras_hub's ViTDet subtracts an `ops.array` of ImageNet means from its input: the functional
     graph holds a host tensor as an operation's argument, which a DTensor step cannot capture."""
     from keras_lwp.planner import random_strategy
@@ -259,7 +259,8 @@ def test_a_host_constant_in_the_graph_trains_like_one_device(strategy):
             if parallel:
                 plan = strategy if strategy == "data" else random_strategy(model, MESH, 8, seed=0)
                 keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=plan, batch_size=8)
-            model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          run_eagerly=eager)
             rng = np.random.default_rng(0)
             model.fit(rng.random((16, 6, 6, 3)), rng.integers(0, 3, 16), batch_size=8, shuffle=False, verbose=0)
             return [np.asarray(to_host(v.value)) for v in model.weights]

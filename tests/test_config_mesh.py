@@ -59,6 +59,17 @@ def test_mesh_with_more_devices_than_exist():
         keras_lwp.make_mesh({"x": 4, "y": 4})
 
 
+def test_virtual_devices_run_each_op_on_the_cores_per_device():
+    """conftest split the CPU into 8 devices: each op gets the cores per device (at least one), not
+    TensorFlow's default of every core, which makes the devices' ops contend."""
+    import os
+
+    import tensorflow as tf
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert tf.config.threading.get_intra_op_parallelism_threads() == max(1, cores // 8)
+
+
 def test_mesh_written_as_text():
     from keras_lwp.mesh import mesh_spec_of
 

@@ -189,7 +189,12 @@ class ProfiledCostModel(CostModel):
         return self._timer
 
     def _mesh_key(self):
-        return [list(map(list, self.mesh.axes)), self.mesh.device_type]
+        """What the timings depend on besides the layer: the mesh, and the threads each op runs on
+        (keras_lwp.use_virtual_devices sets them by the devices per core)."""
+        import tensorflow as tf
+
+        return [list(map(list, self.mesh.axes)), self.mesh.device_type,
+                tf.config.threading.get_intra_op_parallelism_threads()]
 
     def _layer_key(self, info, config):
         return digest([PROFILER_VERSION, layer_signature(info), config.to_dict(), self._mesh_key()])

@@ -35,9 +35,9 @@ from keras_lwp.cost.model import AnalyticCostModel
 from keras_lwp.layers import dimensions_of, rule_for
 from keras_lwp.mesh import mesh_spec_of
 
-CALIBRATION_VERSION = 6  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0;
+CALIBRATION_VERSION = 7  # 2: float32 probe with deep convolutions on 2x2 maps; 3: latency never 0;
 # 4: memory bandwidth measured; 5: seconds per kernel tap of keras_lwp's tap-by-tap implementations;
-# 6: seconds per tap from two depthwise probes' difference
+# 6: seconds per tap from two depthwise probes' difference; 7: taps sliced without strided slices (halo.rows)
 # Per-device batch of the probes: the few samples a device gets from a typical global batch.
 PROBE_SAMPLES = 4
 TAP_PROBE_LAYERS = 6

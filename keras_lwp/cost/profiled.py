@@ -45,8 +45,8 @@ from keras_lwp.layers import Placement, dimensions_of, rule_for
 from keras_lwp.mesh import mesh_spec_of
 
 # Bump when what is measured, or how, changes: older cache entries are then ignored.
-PROFILER_VERSION = 9  # 8: random layers draw their masks whole (wrapping.draws_as_one_device); 9: depthwise splits
-# as one product over the taps
+PROFILER_VERSION = 10  # 8: random layers draw their masks whole (wrapping.draws_as_one_device); 9: depthwise splits
+# as one product over the taps; 10: taps sliced without strided slices (halo.rows)
 # Message sizes (bytes per device) the collectives are timed at.
 COLLECTIVE_SIZES = (16 * 2**10, 512 * 2**10, 4 * 2**20)
 

@@ -214,14 +214,18 @@ def _mesh_of_pins(overrides, meshes, what):
             raise ValueError(
                 f"The override for {pattern!r} is {config!r}; a configuration is a dict {{dimension: mesh axis}}, "
                 f"e.g. overrides={{{pattern!r}: {{'sample': 'x', 'channel': 'y'}}}} (an empty dict replicates the layer).")
-        named.update(config.values())
         known = set().union(*(m.axis_names for m in meshes))
         for dim, axis in config.items():
+            if not isinstance(axis, str):
+                raise ValueError(
+                    f"The override for {pattern!r} splits dimension {dim!r} on {axis!r}: a pin names one mesh axis, "
+                    f"one of {' or '.join(repr(list(m.axis_names)) for m in meshes)}.")
             if axis not in known:
                 raise ValueError(
                     f"The override for {pattern!r} splits dimension {dim!r} on mesh axis {axis!r}: mesh axis {axis!r} "
                     f"is not in {' nor '.join(str(m) for m in meshes)}. Use one of the axes "
                     f"{' or '.join(repr(list(m.axis_names)) for m in meshes)}.")
+        named.update(config.values())
     for mesh_spec in meshes:
         if named <= set(mesh_spec.axis_names):
             return mesh_spec

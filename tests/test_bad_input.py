@@ -39,8 +39,10 @@ def trained_weights(model, steps_per_execution=1):
     (dict(overrides={"d1": "x"}), r"override for 'd1' is 'x'; a configuration is a dict \{dimension: mesh axis\}"),
     (dict(overrides={"d1": {"sample": "x", "channel": "x"}}), r"'d1'.*A mesh axis may split at most one dimension"),
     (dict(overrides={"d1": {"channel": "q"}}), r"'d1' splits dimension 'channel' on mesh axis 'q'.*Use one of the axes"),
+    (dict(overrides={"d1": {"channel": ["x", "y"]}}),
+     r"'d1' splits dimension 'channel' on \['x', 'y'\]: a pin names one mesh axis"),
     (dict(strategy="data", memory_limit=1000), r"memory_limit=1000 bytes"),
-], ids=["bare-axis", "axis-twice", "unknown-axis", "tiny-memory-limit"])
+], ids=["bare-axis", "axis-twice", "unknown-axis", "axis-list", "tiny-memory-limit"])
 def test_errors_name_the_place_and_the_way_out_and_change_nothing(kwargs, message):
     model = mlp()
     with pytest.raises(ValueError, match=message):

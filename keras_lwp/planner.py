@@ -34,6 +34,17 @@ from keras_lwp.mesh import MeshSpec, mesh_spec_of
 from keras_lwp.strategy import EdgeReport, LayerReport, Strategy, StrategyCost
 
 BASELINES = ("data", "model", "owt")
+# "auto" runs its searched plan only when that is predicted to save data parallelism at least this
+# fraction of data parallelism's communication (gradient sync): else data parallelism, which relays
+# nothing. What the plans differ in is mostly communication, which the cost model prices least well
+# here: a transformer plan (examples/zoo.py, a 4x2 mesh of 2 cores) predicted to save 3 ms of data
+# parallelism's 32 ms of sync measured 167 ms per step against 138 ms. A fraction of the
+# communication, not of the step: the compute the plans share would hide any gain (VGG-16's searched
+# plan saves 59% of the communication but 4.4% of a step the calibrated model prices 6x long; it
+# measured 1.35x faster). Levels met by 2026-12-07's plans: AlexNet 82%, MobileNetV3-Small 74%,
+# BERT 31%, DenseNet121 30% kept; ResNet50V2 12%, GPT-2 7%, ViT 6%, Llama 5% (measured level with
+# data parallelism, 0.98-1.05x) run data parallelism.
+AUTO_MARGIN = 0.25
 
 
 def search(model, mesh, batch_size=None, strategy="auto", *, overrides=None, profile=None,
@@ -194,6 +205,8 @@ def _plan_graph(graph, mesh, batch_size, strategy, *, overrides, profile, cost_m
                 plan = candidate
         if plan is None:
             raise _memory_error(memory_limit, smallest)
+        if not overrides:
+            plan = _data_unless_clearly_slower(plan, problem_for(spec.flattened()), memory_limit)
     if memory_limit is not None and plan.memory > memory_limit:
         raise MemoryLimitError(
             f"Strategy '{plan.name}' needs an estimated {_size(plan.memory)} per device, more than "
@@ -204,6 +217,18 @@ def _plan_graph(graph, mesh, batch_size, strategy, *, overrides, profile, cost_m
     data = plan if plan.name == "data" else flat.evaluate(flat.baseline("data"), "data")
     plan.data_parallel = {name: report.total for name, report in data.layers.items()}
     return plan
+
+
+def _data_unless_clearly_slower(plan, flat, memory_limit):
+    """`plan` (the searched optimum) if it is predicted to save at least AUTO_MARGIN of data
+    parallelism's communication on the flattened mesh `flat` (a Problem), else data parallelism, named
+    "auto" and keeping the optimum as `searched` for the summary."""
+    data = flat.evaluate(flat.baseline("data"), "auto")
+    fits = memory_limit is None or data.memory <= memory_limit
+    if not fits or data.cost.total - plan.cost.total >= AUTO_MARGIN * (data.cost.sync + data.cost.transfer):
+        return plan
+    data.searched = plan
+    return data
 
 
 def _mesh_of_pins(overrides, meshes, what):

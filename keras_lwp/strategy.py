@@ -105,6 +105,8 @@ class Strategy(Mapping):
             (keras_lwp.cost.volume).
         layers: {layer name: LayerReport} behind `summary()`; `edges`: EdgeReport per graph edge;
             `data_parallel`: {layer name: seconds the layer would take under data parallelism}.
+        searched: for an "auto" plan that kept data parallelism, the searched optimum it was not
+            predicted clearly slower than (keras_lwp.planner.AUTO_MARGIN); else None.
     """
 
     def __init__(self, configs, mesh, name="custom", cost=None, memory=None, layers=None, profile=None,
@@ -120,6 +122,7 @@ class Strategy(Mapping):
         self.data_parallel = dict(data_parallel or {})
         self.communication = communication
         self.profile = profile
+        self.searched = None
 
     def __getitem__(self, layer_name):
         return self._configs[layer_name]
@@ -163,6 +166,13 @@ class Strategy(Mapping):
                 data = sum(self.data_parallel.values()) + self.cost.overhead
                 line += f"; data parallelism: {data * 1e3:.3f} ms ({data / self.cost.total:.2f}x this plan's time)"
             text.append(line)
+        if self.searched is not None:
+            from keras_lwp.planner import AUTO_MARGIN
+
+            text.append(f"kept data parallelism: the best plan searched ({self.searched.mesh}, "
+                        f"{self.searched.cost.total * 1e3:.3f} ms) is predicted to save less than {AUTO_MARGIN:.0%} of "
+                        "data parallelism's communication, within the cost model's error; `.searched.summary()` "
+                        "shows it")
         if self.communication is not None:
             text.append(f"communication per step, all devices: {self.communication / 2**20:.2f} MiB")
         relayouts = [e for e in self.edges if e.relayout]

@@ -239,6 +239,32 @@ def test_configurations_declared_not_runnable_are_absent(case):
             rule.implementation(info, Config({"height": "x"}))
 
 
+@pytest.mark.parametrize("start,stop,step", [
+    (0, 7, 1), (2, 5, 1), (3, 99, 1), (7, 7, 1), (9, 12, 1),
+    (0, 7, 2), (1, 7, 2), (1, 6, 3), (0, 1, 4), (5, 99, 4), (6, 7, 5), (8, 12, 2),
+])
+def test_rows_is_pythons_slice_with_a_fast_gradient(start, stop, step):
+    """halo.rows equals tensor[:, start:stop:step] (stop past the end, an empty result, a last group
+    short of `step` rows) and its gradient is Python slicing's, without a strided slice."""
+    import tensorflow as tf
+
+    x = tf.constant(np.arange(2 * 7 * 3, dtype="float64").reshape(2, 7, 3))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        got, want = halo.rows(x, 1, start, stop, step), x[:, start:stop:step]
+        weights = tf.constant(np.arange(1, want.shape.num_elements() + 1, dtype="float64").reshape(want.shape))
+        got_sum, want_sum = tf.reduce_sum(got * weights), tf.reduce_sum(want * weights)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(tape.gradient(got_sum, x).numpy(), tape.gradient(want_sum, x).numpy())
+
+    @tf.function
+    def traced(value):
+        return halo.rows(value, 1, start, stop, step)
+
+    ops = {op.type for op in traced.get_concrete_function(x).graph.get_operations()}
+    assert "StridedSlice" not in ops
+
+
 @pytest.mark.parametrize("kwargs,extent,halo", [
     (dict(kernel_size=3, padding="same"), 8, 2),
     (dict(kernel_size=1, padding="same"), 8, 0),

@@ -29,11 +29,16 @@ def test_auto_is_never_predicted_slower_than_a_baseline(name, profile):
     model = build()
     auto = keras_lwp.search(model, MESH, batch_size=batch, profile=profile, hidden_dimensions=True)
     assert set(auto) == {layer for layer in auto.layers}
+    if auto.searched is not None:  # data parallelism kept (planner.AUTO_MARGIN): the optimum is beside it
+        data = keras_lwp.search(model, MESH, batch_size=batch, strategy="data", profile=profile)
+        assert dict(auto) == dict(data) and auto.cost.total == pytest.approx(data.cost.total)
+        auto = auto.searched
     for baseline in ("data", "model", "owt"):
         other = keras_lwp.search(model, MESH, batch_size=batch, strategy=baseline, profile=profile)
         assert auto.cost.total <= other.cost.total * (1 + 1e-9), (baseline, other.summary(), auto.summary())
     # Without keras_lwp's own convolution splits, auto still beats the baselines that need none.
     default = keras_lwp.search(model, MESH, batch_size=batch, profile=profile)
+    default = default.searched or default
     assert default.cost.total >= auto.cost.total * (1 - 1e-9)
     for baseline in ("data", "owt"):
         other = keras_lwp.search(model, MESH, batch_size=batch, strategy=baseline, profile=profile)
@@ -65,6 +70,30 @@ def test_regime_switch_wide_dense_head_is_model_parallel(profile):
         assert "sample" not in plan[name]
     data = keras_lwp.search(models.wide_head(), MESH, batch_size=32, strategy="data", profile=profile)
     assert plan.cost.total < data.cost.total / 5
+
+
+def test_auto_keeps_data_parallelism_unless_the_plan_saves_enough_communication(monkeypatch):
+    """"auto" runs its searched optimum only when it saves at least AUTO_MARGIN of data parallelism's
+    communication; else data parallelism, with the optimum kept beside it and named in the summary,
+    unless data parallelism does not fit the memory limit."""
+    from keras_lwp import planner
+
+    data = keras_lwp.search(models.wide_head(), MESH, batch_size=32, strategy="data", profile="p100")
+    found = keras_lwp.search(models.wide_head(), MESH, batch_size=32, profile="p100")
+    saved = (data.cost.total - found.cost.total) / (data.cost.sync + data.cost.transfer)
+    assert found.searched is None and dict(found) != dict(data) and saved > planner.AUTO_MARGIN
+
+    monkeypatch.setattr(planner, "AUTO_MARGIN", saved * 1.01)  # the same plan, just short of the margin
+    kept = keras_lwp.search(models.wide_head(), MESH, batch_size=32, profile="p100")
+    assert kept.name == "auto" and dict(kept) == dict(data) and kept.mesh == data.mesh
+    assert dict(kept.searched) == dict(found) and kept.searched.cost.total == pytest.approx(found.cost.total)
+    assert "kept data parallelism: the best plan searched" in kept.summary()
+
+    # Data parallelism that does not fit is no fallback: the optimum that fits runs.
+    limit = (found.memory + data.memory) / 2
+    assert found.memory < limit < data.memory
+    fitting = keras_lwp.search(models.wide_head(), MESH, batch_size=32, profile="p100", memory_limit=limit)
+    assert fitting.searched is None and fitting.memory <= limit and dict(fitting) != dict(data)
 
 
 def test_baselines_are_what_the_paper_calls_them():

@@ -175,7 +175,7 @@ def rows(tensor, dim, start, stop, step=1):
     rank, size = len(tensor.shape), tensor.shape[dim]
     count = len(range(start, min(stop, size), step))
     begin, extent = [0] * rank, [-1] * rank
-    begin[dim], extent[dim] = start, min(count * step, size - start)
+    begin[dim], extent[dim] = min(start, size), max(0, min(count * step, size - start))
     piece = tf.slice(tensor, begin, extent)
     if step == 1 or count == 0:
         return piece

@@ -225,6 +225,8 @@ def _data_unless_clearly_slower(plan, flat, memory_limit):
     parallelism's communication on the flattened mesh `flat` (a Problem), else data parallelism, named
     "auto" and keeping the optimum as `searched` for the summary."""
     data = flat.evaluate(flat.baseline("data"), "auto")
+    if plan.mesh == data.mesh and dict(plan) == dict(data):  # the optimum is data parallelism
+        return plan
     fits = memory_limit is None or data.memory <= memory_limit
     if not fits or data.cost.total - plan.cost.total >= AUTO_MARGIN * (data.cost.sync + data.cost.transfer):
         return plan

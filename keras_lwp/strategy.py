@@ -105,8 +105,8 @@ class Strategy(Mapping):
             (keras_lwp.cost.volume).
         layers: {layer name: LayerReport} behind `summary()`; `edges`: EdgeReport per graph edge;
             `data_parallel`: {layer name: seconds the layer would take under data parallelism}.
-        searched: for an "auto" plan that kept data parallelism, the searched optimum it was not
-            predicted clearly slower than (keras_lwp.planner.AUTO_MARGIN); else None.
+        searched: for an "auto" plan that kept data parallelism, the searched optimum, predicted to
+            save less than keras_lwp.planner.AUTO_MARGIN of data parallelism's communication; else None.
     """
 
     def __init__(self, configs, mesh, name="custom", cost=None, memory=None, layers=None, profile=None,

@@ -95,6 +95,12 @@ def test_auto_keeps_data_parallelism_unless_the_plan_saves_enough_communication(
     fitting = keras_lwp.search(models.wide_head(), MESH, batch_size=32, profile="p100", memory_limit=limit)
     assert fitting.searched is None and fitting.memory <= limit and dict(fitting) != dict(data)
 
+    # An optimum that is data parallelism is no plan kept beside itself.
+    model = models.small_cnn()
+    plan = keras_lwp.search(model, MESH, batch_size=512, profile="cpu-emulated")
+    assert dict(plan) == dict(keras_lwp.search(model, MESH, batch_size=512, strategy="data", profile="cpu-emulated"))
+    assert plan.searched is None and "kept data parallelism" not in plan.summary()
+
 
 def test_baselines_are_what_the_paper_calls_them():
     model = models.small_cnn()

@@ -8,6 +8,7 @@ data (`LayerInfo`, `LayerCall`, `TensorInfo`), so the cost model and the search 
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -192,8 +193,11 @@ def _with_static_shapes(functional, input_shapes):
     open_inputs = [t for t in functional.inputs if any(d is None for d in tuple(t.shape)[1:])]
     if not open_inputs and not input_shapes:
         return functional
-    input_shapes = dict(input_shapes or {})
     names = [t.name for t in functional.inputs]
+    if input_shapes is not None and not isinstance(input_shapes, Mapping):
+        raise ValueError(f"input_shapes must be a dict {{input name: shape without the batch}}, e.g. "
+                         f"input_shapes={{{names[0]!r}: (128,)}}. Received: {input_shapes!r}")
+    input_shapes = dict(input_shapes or {})
     unknown = sorted(set(input_shapes) - set(names))
     if unknown:
         raise ValueError(f"input_shapes names {unknown}, which are not inputs of the model '{functional.name}'; "

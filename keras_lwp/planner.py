@@ -170,6 +170,9 @@ def _plan_graph(graph, mesh, batch_size, strategy, *, overrides, profile, cost_m
     if memory_limit is not None and not (isinstance(memory_limit, (int, float)) and memory_limit > 0):
         raise ValueError(f"memory_limit must be a number of bytes > 0 or 'auto'. Received: {memory_limit!r}")
 
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ValueError(f"overrides must be a dict {{layer name or pattern: {{dimension: mesh axis}}}}, e.g. "
+                         f"overrides={{'dense_1': {{'channel': 'y'}}}}. Received: {overrides!r}")
     overrides = dict(overrides or {})
     if isinstance(strategy, Strategy):
         problem = problem_for(_mesh_of_pins(overrides, [strategy.mesh], f"the strategy '{strategy.name}'"))
@@ -238,6 +241,9 @@ def _mesh_of_pins(overrides, meshes, what):
     """The first of `meshes` whose axes hold every mesh axis the pins in `overrides` name."""
     named = set()
     for pattern, config in overrides.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"The override keyed {pattern!r} names no layer: overrides are keyed by layer names or "
+                             f"fnmatch patterns, e.g. overrides={{'dense_1': {{'channel': 'y'}}}}.")
         if not isinstance(config, Mapping):
             raise ValueError(
                 f"The override for {pattern!r} is {config!r}; a configuration is a dict {{dimension: mesh axis}}, "

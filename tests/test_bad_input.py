@@ -41,8 +41,12 @@ def trained_weights(model, steps_per_execution=1):
     (dict(overrides={"d1": {"channel": "q"}}), r"'d1' splits dimension 'channel' on mesh axis 'q'.*Use one of the axes"),
     (dict(overrides={"d1": {"channel": ["x", "y"]}}),
      r"'d1' splits dimension 'channel' on \['x', 'y'\]: a pin names one mesh axis"),
+    (dict(overrides={3: {"channel": "x"}}), r"The override keyed 3 names no layer: overrides are keyed by layer"),
+    (dict(overrides=[("d1", "x")]), r"overrides must be a dict \{layer name or pattern"),
+    (dict(input_shapes=(16,)), r"input_shapes must be a dict \{input name: shape without the batch\}"),
     (dict(strategy="data", memory_limit=1000), r"memory_limit=1000 bytes"),
-], ids=["bare-axis", "axis-twice", "unknown-axis", "axis-list", "tiny-memory-limit"])
+], ids=["bare-axis", "axis-twice", "unknown-axis", "axis-list", "key-not-a-name", "overrides-not-a-dict",
+        "input-shapes-not-a-dict", "tiny-memory-limit"])
 def test_errors_name_the_place_and_the_way_out_and_change_nothing(kwargs, message):
     model = mlp()
     with pytest.raises(ValueError, match=message):

@@ -174,6 +174,7 @@ def _plan_graph(graph, mesh, batch_size, strategy, *, overrides, profile, cost_m
         raise ValueError(f"overrides must be a dict {{layer name or pattern: {{dimension: mesh axis}}}}, e.g. "
                          f"overrides={{'dense_1': {{'channel': 'y'}}}}. Received: {overrides!r}")
     overrides = dict(overrides or {})
+    data = None  # data parallelism's plan, once evaluated
     if isinstance(strategy, Strategy):
         problem = problem_for(_mesh_of_pins(overrides, [strategy.mesh], f"the strategy '{strategy.name}'"))
         assignment = problem.check_strategy(strategy)
@@ -210,30 +211,32 @@ def _plan_graph(graph, mesh, batch_size, strategy, *, overrides, profile, cost_m
         if plan is None:
             raise _memory_error(memory_limit, smallest)
         if not overrides:
-            plan = _data_unless_clearly_slower(plan, problem_for(spec.flattened()), memory_limit)
+            flat = problem_for(spec.flattened())
+            data = flat.evaluate(flat.baseline("data"), "data")
+            plan = _data_unless_clearly_slower(plan, data, memory_limit)
     if memory_limit is not None and plan.memory > memory_limit:
         raise MemoryLimitError(
             f"Strategy '{plan.name}' needs an estimated {_size(plan.memory)} per device, more than "
             f"memory_limit={_size(memory_limit)}. Largest layers: {_largest_layers(plan)}. "
             "Use strategy='auto', which searches for a plan that fits, or raise memory_limit.")
     # Beside every layer, what data parallelism would cost it: the summary's yardstick.
-    flat = problem_for(spec.flattened())
-    data = plan if plan.name == "data" else flat.evaluate(flat.baseline("data"), "data")
+    if data is None:
+        flat = problem_for(spec.flattened())
+        data = plan if plan.name == "data" else flat.evaluate(flat.baseline("data"), "data")
     plan.data_parallel = {name: report.total for name, report in data.layers.items()}
     return plan
 
 
-def _data_unless_clearly_slower(plan, flat, memory_limit):
-    """`plan` (the searched optimum) if it is predicted to save at least AUTO_MARGIN of data
-    parallelism's communication on the flattened mesh `flat` (a Problem), else data parallelism, named
-    "auto" and keeping the optimum as `searched` for the summary."""
-    data = flat.evaluate(flat.baseline("data"), "auto")
+def _data_unless_clearly_slower(plan, data, memory_limit):
+    """`plan` (the searched optimum) if it is predicted to save at least AUTO_MARGIN of the
+    communication of `data` (data parallelism's plan), else `data`, renamed "auto" and keeping the
+    optimum as `searched` for the summary."""
     if plan.mesh == data.mesh and dict(plan) == dict(data):  # the optimum is data parallelism
         return plan
     fits = memory_limit is None or data.memory <= memory_limit
     if not fits or data.cost.total - plan.cost.total >= AUTO_MARGIN * (data.cost.sync + data.cost.transfer):
         return plan
-    data.searched = plan
+    data.name, data.searched = "auto", plan
     return data
 
 

@@ -35,7 +35,10 @@ def test_calibrated_profile_is_measured_once_then_read_from_the_cache(fresh, mon
         assert math.isfinite(value) and value > 0
     # Measured, not carried over from the datasheet profile the calibration starts from.
     assert profile.memory_bandwidth != keras_lwp.cost.get_profile("cpu-emulated").memory_bandwidth
-    assert math.isfinite(profile.tap_seconds) and profile.tap_seconds > 0  # the datasheet profiles have 0
+    # Per kernel tap: 0.06 ms here since taps are sliced without strided slices (halo.rows; 0.30 ms
+    # before), so on a loaded machine the two probes' difference may fall within the noise: 0, never
+    # negative, nor the milliseconds of a measurement gone wrong.
+    assert math.isfinite(profile.tap_seconds) and 0 <= profile.tap_seconds < 5e-4
     assert profile.concurrent_devices is None  # the devices' sharing of the cores is inside the figures
     assert list(fresh.glob("profiles/*.json")), "the calibration was not written to the cache"
 

@@ -130,8 +130,8 @@ def use_virtual_devices(count, device_type="CPU"):
 
     The logical devices share the machine's cores and each runs its own ops side by side: unless the
     program chose an intra-op thread count, each op gets the cores per device (at least one), since
-    more threads per op only contend with the other devices' ops (on 2 cores, a 4x2 mesh: AlexNet 145
-    -> 131 ms per step, the transformer of examples/zoo.py 186 -> 153 ms).
+    more threads per op only contend with the other devices' ops (on 2 cores, a 4x2 mesh: AlexNet 159
+    -> 141 ms per step, the transformer of examples/zoo.py 175 -> 139 ms; benchmarks/bench_step_parts).
     """
     import tensorflow as tf
 

@@ -6,6 +6,7 @@ equal to the single-device step.
     python -m benchmarks.check_applications --models zoo --head_scale 100     # every model in ZOO, "auto"
     python -m benchmarks.check_applications --models zoo --head_scale 100 --rounds 3   # and time the steps
     python -m benchmarks.check_applications --models convnext_tiny --rounds 2 --timed_strategies data,owt,auto
+    python -m benchmarks.check_applications --models zoo --strategies random0,random1   # random plans
 
 Slow (a minute or two per model on 2 cores), so it lives here rather than in the test suite. It runs
 in float64: these networks at init with batch 8 and 1x1 final feature maps are so ill-conditioned
@@ -28,7 +29,8 @@ flags.DEFINE_list("models", ["resnet50", "inception_v3", "vgg16", "mobilenet_v2"
                   "keras.applications models (see ZOO), or 'zoo' for all of them.")
 flags.DEFINE_string("floatx", "float64", "Keras float type for both runs.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size (one step).")
-flags.DEFINE_list("strategies", ["auto"], "Strategies to compare with one device (auto, data, model, owt).")
+flags.DEFINE_list("strategies", ["auto"], "Strategies to compare with one device (auto, data, model, owt, "
+                  "random<seed>: a random valid plan).")
 flags.DEFINE_float("input_scale", 1.0, "Scale of the random images.")
 flags.DEFINE_integer("rounds", 0, "Timing rounds after the float64 check (0: none): the float32 steady step "
                      "of one device, \"data\" and \"auto\", interleaved, in this process.")
@@ -114,8 +116,10 @@ def _step(builder, size, x, y, strategy):
     head = [layer for layer in model.layers if hasattr(layer, "kernel")][-1]  # MobileNet's ends in a 1x1 Conv2D
     head.kernel.assign(FLAGS.head_scale * head.kernel)
     if strategy is not None:
-        keras_lwp.parallelize(model, keras_lwp.make_mesh({"x": 4, "y": 2}), strategy=strategy,
-                              batch_size=FLAGS.batch_size)
+        mesh = keras_lwp.make_mesh({"x": 4, "y": 2})
+        if strategy.startswith("random"):  # "random<seed>": a random valid plan, hidden dimensions included
+            strategy = keras_lwp.planner.random_strategy(model, mesh, FLAGS.batch_size, int(strategy[6:]))
+        keras_lwp.parallelize(model, mesh, strategy=strategy, batch_size=FLAGS.batch_size)
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
     start = time.perf_counter()
     loss = model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0, shuffle=False).history["loss"][0]

@@ -5,6 +5,8 @@ relayout's cost comes from the bytes the busiest device must receive: the block 
 part of that block it already holds. Computing this per device (meshes are small) makes every case
 exact: a local slice moves nothing, an all-gather moves (k-1)/k of the tensor, an all-to-all
 (k-1)/k^2, and a mesh axis that moves from one tensor axis to another is handled without guesswork.
+Those are the bytes a relayout needs (keras_lwp.cost.volume counts them, as the paper does); its time
+is priced from what DTensor moves, which for an all-gather is twice that (ALL_GATHER_FACTOR).
 """
 
 import functools
@@ -33,14 +35,15 @@ def _interval(layout_axis, mesh, coords):
     return start, start + 1.0 / parts
 
 
-def received_per_device(src, dst, mesh):
+def received_per_device(src, dst, mesh, gather_factor=1.0):
     """Per device, the fraction of the tensor's bytes it receives to relayout from src to dst, along
     the steps keras_lwp runs (keras_lwp.relayout_path: DTensor's direct all-to-all is wrong for some
-    moves); each step receives the block it needs minus the part of it the device already holds."""
+    moves); each step receives the block it needs minus the part of it the device already holds,
+    an all-gather ("unshard" step) `gather_factor` times that."""
     total = np.zeros(_coordinates(mesh).shape[0])
     before = tuple(src)
-    for _, after in relayout_steps(before, tuple(dst)):
-        total += _received_in_one_step(before, after, mesh)
+    for kind, after in relayout_steps(before, tuple(dst)):
+        total += _received_in_one_step(before, after, mesh) * (gather_factor if kind == "unshard" else 1.0)
         before = after
     return total
 
@@ -57,12 +60,20 @@ def _received_in_one_step(src, dst, mesh):
     return needed - overlap
 
 
+# DTensor runs an all-gather as an all-reduce of the gathered block, zero but for each device's part
+# (TensorFlow's dtensor/mlir/utils/collective_lowering.cc, on CPU, GPU and TPU alike): a ring moves
+# 2 (k-1)/k of the block, twice what the device lacks. Timed on the 4x2 CPU mesh (idle, a scratch
+# script), a gather of 1-17 MB from [x, y] to replicated took 1.2-1.6x an all-reduce of that size.
+ALL_GATHER_FACTOR = 2.0
+
+
 @functools.lru_cache(maxsize=1 << 16)
-def received_fraction(src, dst, mesh):
-    """Fraction of the tensor's bytes the busiest device receives to go from layout src to dst."""
+def received_fraction(src, dst, mesh, gather_factor=1.0):
+    """Fraction of the tensor's bytes the busiest device receives to go from layout src to dst (an
+    all-gather's counted `gather_factor` times: ALL_GATHER_FACTOR for what DTensor moves)."""
     if src == dst:
         return 0.0
-    return float(np.max(received_per_device(src, dst, mesh)))
+    return float(np.max(received_per_device(src, dst, mesh, gather_factor)))
 
 
 def allreduce_time(nbytes, axes, mesh, profile):
@@ -77,7 +88,7 @@ def allreduce_time(nbytes, axes, mesh, profile):
 @functools.lru_cache(maxsize=1 << 16)
 def relayout_coefficients(src, dst, mesh, profile):
     """(seconds per byte of the whole tensor, fixed seconds) of the relayout src -> dst."""
-    fraction = received_fraction(src, dst, mesh)
+    fraction = received_fraction(src, dst, mesh, ALL_GATHER_FACTOR)
     if fraction == 0.0:
         return 0.0, 0.0
     moved_axes = {a for a, b in zip(src, dst) if a != b} - {None}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_lwp.cost.comm import allreduce_time, relayout_coefficients, relayout_time
+from keras_lwp.cost.comm import ALL_GATHER_FACTOR, allreduce_time, relayout_coefficients, relayout_time
 from keras_lwp.cost.devices import get_profile
 from keras_lwp.cost import volume
 from keras_lwp.cost.volume import is_float
@@ -148,7 +148,9 @@ class AnalyticCostModel(CostModel):
         if not axes:
             return 0.0
         link = self.profile.link_for_axes(self.mesh, axes)
-        return 2 * (self.halo_bytes(place, call) / link.bandwidth + 2 * len(axes) * link.latency)
+        # The edges travel by DTensor's all-gather: ALL_GATHER_FACTOR times the rows received.
+        seconds = ALL_GATHER_FACTOR * self.halo_bytes(place, call) / link.bandwidth
+        return 2 * (seconds + 2 * len(axes) * link.latency)
 
     def _stats_time(self, place, info):
         """BatchNormalization: all-reduce mean and variance (forward) and their gradients (backward)."""

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from keras_lwp.cost import AnalyticCostModel, allreduce_time, get_profile, received_fraction
+from keras_lwp.cost.comm import ALL_GATHER_FACTOR, relayout_coefficients
 from keras_lwp.graph import LayerCall, LayerInfo, TensorInfo, WeightInfo
 from keras_lwp.layers import Placement, configurations, rule_for
 from keras_lwp.config import Config
@@ -28,6 +29,22 @@ MESH = MeshSpec((("x", 4), ("y", 2)))
 )
 def test_received_fraction_is_what_a_device_lacks(src, dst, expected):
     assert received_fraction(src, dst, MESH) == pytest.approx(expected)
+
+
+def test_an_all_gather_is_priced_as_the_all_reduce_dtensor_runs():
+    """DTensor gathers by all-reducing the zero-padded block: per byte, a gather to replicated costs
+    an all-reduce of the whole; an all-to-all and the gathers inside a longer relayout are priced by the
+    same rule (the gather step twice what is lacking, the move once)."""
+    profile = get_profile("p100")
+    mesh = MeshSpec((("x", 4),))
+    link = profile.intra_node
+    per_byte, _ = relayout_coefficients(("x", None), (None, None), mesh, profile)
+    assert per_byte == pytest.approx(2 * 3 / 4 / link.bandwidth)
+    assert per_byte * 1e6 == pytest.approx(allreduce_time(1e6, ("x",), mesh, profile) - 6 * link.latency)
+    per_byte, _ = relayout_coefficients(("x", None), (None, "x"), mesh, profile)
+    assert per_byte == pytest.approx((1 / 4 - 1 / 16) / link.bandwidth)
+    # the two-axes swap: gather x (twice 3/8), move y, slice x
+    assert received_fraction(("x", "y"), ("y", "x"), MESH, ALL_GATHER_FACTOR) == pytest.approx(2 * 3 / 8 + 1 / 4)
 
 
 def test_allreduce_is_a_ring():

@@ -61,7 +61,7 @@ def _received_in_one_step(src, dst, mesh):
 
 
 # DTensor runs an all-gather as an all-reduce of the gathered block, zero but for each device's part
-# (TensorFlow's dtensor/mlir/utils/collective_lowering.cc, on CPU, GPU and TPU alike): a ring moves
+# (TensorFlow's dtensor/mlir/utils/collective_lowering.cc, on CPU and GPU meshes): a ring moves
 # 2 (k-1)/k of the block, twice what the device lacks. Timed on the 4x2 CPU mesh (idle, a scratch
 # script), a gather of 1-17 MB from [x, y] to replicated took 1.2-1.6x an all-reduce of that size.
 ALL_GATHER_FACTOR = 2.0

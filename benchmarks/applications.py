@@ -7,5 +7,5 @@ ZOO = {
     "resnet50_v2": ("ResNet50V2", 32), "densenet121": ("DenseNet121", 32), "xception": ("Xception", 71),
     "inception_resnet_v2": ("InceptionResNetV2", 75), "nasnet_mobile": ("NASNetMobile", 32),
     "efficientnet_b0": ("EfficientNetB0", 32), "efficientnet_v2_b0": ("EfficientNetV2B0", 32),
-    "convnext_tiny": ("ConvNeXtTiny", 32),
+    "convnext_tiny": ("ConvNeXtTiny", 32), "mobilenet_v3_large": ("MobileNetV3Large", 32),
 }

@@ -18,8 +18,9 @@ What parallelize changes on a model (keras_lwp.placement, .wrapping, .fit_loop),
 - the optimizer, once a step function is made: `add_variable_from_reference` reset to Keras' own (slots
   on the host, then moved), `assign_add`/`assign_sub` making sparse rows dense, and its variables and
   every metric's moved onto the mesh;
-- while a wrapped call is traced, Keras' random draws (keras.src.backend.random) are made whole, and
-  while a recurrent layer's is, `keras.src.ops.flip` gathers instead of reversing.
+- while a wrapped call is traced, Keras' random draws (keras.src.backend.random) are made whole and its
+  grouped convolutions (keras.src.backend.tensorflow.nn.conv) run without XLA, and while a recurrent
+  layer's is, `keras.src.ops.flip` gathers instead of reversing.
 """
 
 # (module, name, kind, used by, why). kind "attribute": a name the module defines (a function, a
@@ -55,6 +56,11 @@ INTERNALS = (
      "Bidirectional reverses its backward outputs with ops.flip (ReverseV2): a gather while it is traced"),
     ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "wrapping.py",
      "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
+    ("keras.src.backend.tensorflow.nn", "conv", "attribute", "wrapping.py",
+     "keras.ops.conv calls it by attribute; a grouped one runs as per-group or depthwise convolutions while a "
+     "wrapped call is traced (Keras compiles it with XLA, which DTensor ignores, to wrong gradients)"),
+    ("keras.src.backend.tensorflow.nn", "depthwise_conv", "attribute", "wrapping.py",
+     "a grouped convolution of one input channel per group, computed as the depthwise one it is"),
 )
 
 
@@ -82,6 +88,11 @@ def check():
         if "_keras_logits" not in inspect.getsource(nn._get_logits):
             missing.append(("keras.src.backend.tensorflow.nn", "_get_logits", "wrapping.py",
                             "the logits kept across relayouts", "it no longer reads _keras_logits"))
+        from keras.src.ops import nn as ops_nn
+
+        if "backend.nn.conv(" not in inspect.getsource(ops_nn.conv):
+            missing.append(("keras.src.ops.nn", "conv", "wrapping.py", "grouped convolutions without XLA",
+                            "it no longer calls backend.nn.conv by attribute"))
     except (ImportError, AttributeError, OSError):
         pass  # reported above
     return missing
@@ -165,6 +176,13 @@ def random_module():
     from keras.src import backend
 
     return backend.random
+
+
+def backend_nn_module():
+    """keras.src.backend.tensorflow.nn, whose `conv` keras.ops.conv calls by attribute (wrapping.py)."""
+    from keras.src.backend.tensorflow import nn
+
+    return nn
 
 
 def ops_module():

@@ -178,10 +178,11 @@ UNRUNNABLE_OPS = frozenset({
     # Run replicated by DTensor's default instead, XlaDynamicUpdateSlice crashed the process.
     "XlaDynamicUpdateSlice", "Roll",
 })
-# What `_ops_of` reports for a function compiled with XLA (jit_compile=True): Keras computes grouped
-# convolutions so; DTensor runs them without XLA, to wrong gradients and no error (keras_hub's HGNetV2,
-# whose blocks hold grouped Conv2D layers: every plan trained 2e-3 away from one device, its loss read 0).
-JIT_COMPILED = "an XLA-compiled function (jit_compile=True; Keras' grouped convolutions)"
+# What `_ops_of` reports for a function compiled with XLA (jit_compile=True): DTensor runs it without
+# XLA, to wrong values and no error. Keras computes grouped convolutions so (keras_hub's HGNetV2 blocks
+# trained 2e-3 away from one device, its loss read 0): wrapped calls run those without XLA
+# (wrapping.grouped_convolutions_without_xla), so what is left is a layer's own jit_compile.
+JIT_COMPILED = "an XLA-compiled function (jit_compile=True)"
 
 
 def _refuse_layers_dtensor_cannot_run(graph):
@@ -222,7 +223,8 @@ def _ops_of(info):
         return tape.gradient(outs, sources) if outs and sources else outs
 
     try:
-        graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
+        with wrapping.grouped_convolutions_without_xla():  # as a wrapped call runs them
+            graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
     except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
         return set()
     nodes = list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]

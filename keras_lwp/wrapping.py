@@ -45,7 +45,7 @@ def wrap_call(layer, place, mesh, sources=None):
             if tf.is_tensor(kwargs.get(key)):
                 kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources)
         kwargs = {key: _on_mesh(value, mesh) for key, value in kwargs.items()}
-        with draws_as_one_device(mesh):
+        with draws_as_one_device(mesh), grouped_convolutions_without_xla():
             outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
         return keras.tree.map_structure(
             lambda t: relayout_output(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
@@ -129,6 +129,43 @@ def draws_as_one_device(mesh):
             setattr(module, name, draw)
 
 
+@contextlib.contextmanager
+def grouped_convolutions_without_xla():
+    """While a wrapped layer's call is traced, a grouped convolution (a Conv layer inside a block that
+    runs its own call, as HGNetV2's) runs as the convolutions it is made of: one depthwise convolution
+    when each group has one input channel, else one convolution per group, concatenated. Keras computes
+    it on CPU in an XLA-compiled function; DTensor runs that function's ops without XLA, and TensorFlow's
+    CPU kernels give wrong gradients with no error. (Conv1D/Conv2D layers keras_lwp places itself run
+    `keras_lwp.layers.hidden`'s implementation instead.)"""
+    import keras
+    import tensorflow as tf
+
+    module = keras_internals.backend_nn_module()
+    conv, depthwise_conv = module.conv, module.depthwise_conv
+
+    def grouped_conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        channels_last = (data_format or keras.config.image_data_format()) == "channels_last"
+        axis = -1 if channels_last else 1
+        kernel = tf.convert_to_tensor(kernel)
+        channels, per_group = inputs.shape[axis], kernel.shape[-2]
+        if channels is None or per_group is None or channels == per_group:
+            return conv(inputs, kernel, strides, padding, data_format, dilation_rate)
+        groups = channels // per_group
+        if per_group == 1 and channels_last and len(inputs.shape) <= 4:
+            # [..., 1, groups * m] -> [..., groups, m]: filter g * m + j reads channel g, as depthwise's.
+            kernel = tf.reshape(kernel, list(kernel.shape[:-2]) + [groups, kernel.shape[-1] // groups])
+            as_tuple = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+            return depthwise_conv(inputs, kernel, as_tuple(strides), padding, data_format, as_tuple(dilation_rate))
+        parts = zip(tf.split(inputs, groups, axis=axis), tf.split(kernel, groups, axis=-1))
+        return tf.concat([conv(x, k, strides, padding, data_format, dilation_rate) for x, k in parts], axis=axis)
+
+    module.conv = grouped_conv
+    try:
+        yield
+    finally:
+        module.conv = conv
+
+
 def wrap_model_outputs(model, graph, plan, mesh):
     """Lay the model's outputs out like the labels (batch split, the rest whole) for the loss:
     DTensor mis-shaped a loss's reshape of a channel-split prediction."""
@@ -178,4 +215,4 @@ def relayout_output(tensor, spec, mesh):
     return relaid
 
 
-__all__ = ["draws_as_one_device", "relayout_output", "wrap_call", "wrap_model_outputs"]
+__all__ = ["draws_as_one_device", "grouped_convolutions_without_xla", "relayout_output", "wrap_call", "wrap_model_outputs"]

@@ -162,6 +162,39 @@ def test_random_plans_with_hidden_dimensions(model_name, seed):
     assert plan_fuzz.relative_error(reference, run) <= 1e-9
 
 
+class _GroupedBlock(L.Layer):
+    """A block that runs its own call (no keras_lwp rule), holding grouped convolutions as keras_hub's
+    HGNetV2 blocks do: two channels per group, and one (a depthwise convolution written as Conv2D)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.pairs = L.Conv2D(8, 3, padding="same", groups=2, activation="relu")
+        self.depthwise = L.Conv2D(16, 3, strides=2, padding="same", groups=8)
+
+    def call(self, x):
+        return self.depthwise(self.pairs(x))
+
+
+def _grouped_block_cnn():
+    inputs = keras.Input((8, 8, 4), name="image")
+    x = L.Conv2D(8, 1, name="c1")(inputs)
+    x = _GroupedBlock(name="block")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(5, name="head")(x))
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+@pytest.mark.parametrize("strategy", ["data", "random"])
+def test_grouped_convolutions_inside_a_block_train_as_on_one_device(strategy):
+    """Keras computes a grouped convolution on CPU in an XLA-compiled function, which DTensor runs
+    without XLA, to gradients 2e-3 away and no error: wrapped calls run it as per-group and depthwise
+    convolutions instead (wrapping.grouped_convolutions_without_xla)."""
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    if strategy == "random":
+        strategy = keras_lwp.planner.random_strategy(_grouped_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 3)
+    _assert_same(_fit(_grouped_block_cnn, _images, loss), _fit(_grouped_block_cnn, _images, loss, strategy))
+
+
 # -- overrides hold under every strategy ---------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["data", "model", "owt", "auto"])

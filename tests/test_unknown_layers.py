@@ -85,14 +85,28 @@ SCRIPT = textwrap.dedent('''
         train(model)
 
     assert_refused(Patch(name="patch"), "XlaDynamicUpdateSlice")
-    class Grouped(keras.layers.Layer):  # a grouped convolution inside: Keras compiles it with XLA
+
+    class Compiled(keras.layers.Layer):  # its own XLA-compiled function: DTensor would run it without XLA
+        def call(self, x):
+            return tf.function(lambda t: tf.tanh(t) * 2.0, jit_compile=True)(x)
+
+    assert_refused(Compiled(name="compiled"), "jit_compile=True")
+
+    class Grouped(keras.layers.Layer):  # a grouped convolution inside, which Keras compiles with XLA
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.conv = keras.layers.Conv1D(4, 3, groups=2, padding="same")
         def call(self, x):
             return self.conv(x)
 
-    assert_refused(Grouped(name="grouped"), "jit_compile=True")
+    want = train(model_with(Grouped(name="grouped")))
+    model = model_with(Grouped(name="grouped"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keras_lwp.parallelize(model, mesh, batch_size=8)
+    got = train(model)
+    assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want)), "grouped convolution trains"
+    print("grouped: trained like plain Keras")
     # An op keras_lwp does not know DTensor lacks: fit says which, and the process survives.
     from keras_lwp import runtime
     runtime.UNRUNNABLE_OPS = runtime.UNRUNNABLE_OPS - {"XlaDynamicUpdateSlice"}
@@ -116,3 +130,4 @@ def test_layers_without_rules_train_or_are_refused_and_the_process_survives():
     assert result.stdout.split()[-1] == "done"
     assert "scale: trained like plain Keras" in result.stdout and "running: refused" in result.stdout
     assert "patch: refused, then explained at fit" in result.stdout
+    assert "grouped: trained like plain Keras" in result.stdout

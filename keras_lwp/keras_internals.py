@@ -18,9 +18,9 @@ What parallelize changes on a model (keras_lwp.placement, .wrapping, .fit_loop),
 - the optimizer, once a step function is made: `add_variable_from_reference` reset to Keras' own (slots
   on the host, then moved), `assign_add`/`assign_sub` making sparse rows dense, and its variables and
   every metric's moved onto the mesh;
-- while a wrapped call is traced, Keras' random draws (keras.src.backend.random) are made whole and its
-  grouped convolutions (keras.src.backend.tensorflow.nn.conv) run without XLA, and while a recurrent
-  layer's is, `keras.src.ops.flip` gathers instead of reversing.
+- while a wrapped call is traced, Keras' random draws (keras.src.backend.random) are made whole, and its
+  grouped convolutions, roll and slice_update (keras.src.backend.tensorflow) run as ops DTensor runs;
+  while a recurrent layer's is, `keras.src.ops.flip` gathers instead of reversing.
 """
 
 # (module, name, kind, used by, why). kind "attribute": a name the module defines (a function, a
@@ -57,10 +57,13 @@ INTERNALS = (
     ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "wrapping.py",
      "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
     ("keras.src.backend.tensorflow.nn", "conv", "attribute", "wrapping.py",
-     "keras.ops.conv calls it by attribute; a grouped one runs as per-group or depthwise convolutions while a "
-     "wrapped call is traced (Keras compiles it with XLA, which DTensor ignores, to wrong gradients)"),
+     "keras.ops.conv calls it by attribute: grouped ones run without XLA while a wrapped call is traced"),
     ("keras.src.backend.tensorflow.nn", "depthwise_conv", "attribute", "wrapping.py",
      "a grouped convolution of one input channel per group, computed as the depthwise one it is"),
+    ("keras.src.backend.tensorflow.numpy", "roll", "attribute", "wrapping.py",
+     "keras.ops.roll calls it by attribute: slices instead of Roll while a wrapped call is traced"),
+    ("keras.src.backend.tensorflow.core", "slice_update", "attribute", "wrapping.py",
+     "keras.ops.slice_update calls it by attribute: a select instead of XlaDynamicUpdateSlice"),
 )
 
 
@@ -88,11 +91,13 @@ def check():
         if "_keras_logits" not in inspect.getsource(nn._get_logits):
             missing.append(("keras.src.backend.tensorflow.nn", "_get_logits", "wrapping.py",
                             "the logits kept across relayouts", "it no longer reads _keras_logits"))
-        from keras.src.ops import nn as ops_nn
+        from keras.src import ops
 
-        if "backend.nn.conv(" not in inspect.getsource(ops_nn.conv):
-            missing.append(("keras.src.ops.nn", "conv", "wrapping.py", "grouped convolutions without XLA",
-                            "it no longer calls backend.nn.conv by attribute"))
+        for op, call in ((ops.nn.conv, "backend.nn.conv("), (ops.numpy.roll, "backend.numpy.roll("),
+                         (ops.core.slice_update, "backend.core.slice_update(")):
+            if call not in inspect.getsource(op):
+                missing.append((op.__module__, op.__name__, "wrapping.py", "ops DTensor runs, while a wrapped "
+                                "call is traced", f"it no longer calls {call[:-1]} by attribute"))
     except (ImportError, AttributeError, OSError):
         pass  # reported above
     return missing
@@ -178,11 +183,12 @@ def random_module():
     return backend.random
 
 
-def backend_nn_module():
-    """keras.src.backend.tensorflow.nn, whose `conv` keras.ops.conv calls by attribute (wrapping.py)."""
-    from keras.src.backend.tensorflow import nn
+def backend_modules_of_ops():
+    """keras.src.backend.tensorflow's nn, numpy and core: keras.ops.conv, roll and slice_update call
+    their functions by attribute (wrapping.ops_dtensor_runs)."""
+    from keras.src.backend.tensorflow import core, nn, numpy
 
-    return nn
+    return nn, numpy, core
 
 
 def ops_module():

@@ -174,14 +174,15 @@ UNRUNNABLE_OPS = frozenset({
     "TensorListPushBack", "TensorListPopBack", "TensorListConcatV2", "TensorListSplit", "TensorListGather",
     "TensorListScatterIntoExistingList", "TensorArrayV3", "OptionalFromValue", "ExtractImagePatches",
     "FusedBatchNormV3", "FusedBatchNormGradV3", "ReverseV2",
-    # keras.ops.slice_update and keras.ops.roll on TensorFlow (keras_hub's Swin Transformer blocks).
-    # Run replicated by DTensor's default instead, XlaDynamicUpdateSlice crashed the process.
+    # tf.roll and XLA's dynamic_update_slice (run replicated by DTensor's default, it crashed the
+    # process). keras.ops.roll and slice_update with shifts and starts known when traced avoid them
+    # (wrapping.ops_dtensor_runs).
     "XlaDynamicUpdateSlice", "Roll",
 })
 # What `_ops_of` reports for a function compiled with XLA (jit_compile=True): DTensor runs it without
 # XLA, to wrong values and no error. Keras computes grouped convolutions so (keras_hub's HGNetV2 blocks
 # trained 2e-3 away from one device, its loss read 0): wrapped calls run those without XLA
-# (wrapping.grouped_convolutions_without_xla), so what is left is a layer's own jit_compile.
+# (wrapping.ops_dtensor_runs), so what is left is a layer's own jit_compile.
 JIT_COMPILED = "an XLA-compiled function (jit_compile=True)"
 
 
@@ -223,7 +224,7 @@ def _ops_of(info):
         return tape.gradient(outs, sources) if outs and sources else outs
 
     try:
-        with wrapping.grouped_convolutions_without_xla():  # as a wrapped call runs them
+        with wrapping.ops_dtensor_runs():  # as a wrapped call runs them
             graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
     except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
         return set()

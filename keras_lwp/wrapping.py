@@ -45,7 +45,7 @@ def wrap_call(layer, place, mesh, sources=None):
             if tf.is_tensor(kwargs.get(key)):
                 kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources)
         kwargs = {key: _on_mesh(value, mesh) for key, value in kwargs.items()}
-        with draws_as_one_device(mesh), grouped_convolutions_without_xla():
+        with draws_as_one_device(mesh), ops_dtensor_runs():
             outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
         return keras.tree.map_structure(
             lambda t: relayout_output(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
@@ -130,18 +130,32 @@ def draws_as_one_device(mesh):
 
 
 @contextlib.contextmanager
-def grouped_convolutions_without_xla():
-    """While a wrapped layer's call is traced, a grouped convolution (a Conv layer inside a block that
-    runs its own call, as HGNetV2's) runs as the convolutions it is made of: one depthwise convolution
-    when each group has one input channel, else one convolution per group, concatenated. Keras computes
-    it on CPU in an XLA-compiled function; DTensor runs that function's ops without XLA, and TensorFlow's
-    CPU kernels give wrong gradients with no error. (Conv1D/Conv2D layers keras_lwp places itself run
-    `keras_lwp.layers.hidden`'s implementation instead.)"""
+def ops_dtensor_runs():
+    """While a wrapped layer's call is traced, four ops whose TensorFlow form DTensor cannot run are
+    computed from ops it runs, to the same numbers (they reach layers that run their own call: keras_hub's
+    HGNetV2 and Swin Transformer blocks, and any user's):
+
+    - a grouped convolution (keras.ops.conv), which Keras compiles with XLA on CPU; DTensor runs the
+      compiled function's ops without XLA, and TensorFlow's CPU kernels give wrong gradients with no
+      error. It runs as one depthwise convolution when each group has one input channel, else as one
+      convolution per group, concatenated. (Conv1D/Conv2D layers keras_lwp places itself run
+      `keras_lwp.layers.hidden`'s implementation instead.)
+    - keras.ops.roll (Roll: DTensor has no layout rule for it): slices, concatenated.
+    - keras.ops.slice_update at a start known when traced (XlaDynamicUpdateSlice, which crashed the
+      process): the update padded to the input's shape, selected where it lands.
+    - indexing that adds axes (`x[:, None]`, `mask[None, ...]`): DTensor's layout propagation for a
+      strided slice with new axes crashed the process (a segmentation fault in
+      slice_util::ForwardLayoutInference::VisitImplicitAxis, on a batch-split tensor). The slice
+      without them, then expand_dims.
+    Anything else (a start or shift only known when the step runs, a tensor index) goes to the
+    original op.
+    """
     import keras
+    import numpy as np
     import tensorflow as tf
 
-    module = keras_internals.backend_nn_module()
-    conv, depthwise_conv = module.conv, module.depthwise_conv
+    nn, numpy, core = keras_internals.backend_modules_of_ops()
+    conv, depthwise_conv, roll, slice_update = nn.conv, nn.depthwise_conv, numpy.roll, core.slice_update
 
     def grouped_conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
         channels_last = (data_format or keras.config.image_data_format()) == "channels_last"
@@ -159,11 +173,83 @@ def grouped_convolutions_without_xla():
         parts = zip(tf.split(inputs, groups, axis=axis), tf.split(kernel, groups, axis=-1))
         return tf.concat([conv(x, k, strides, padding, data_format, dilation_rate) for x, k in parts], axis=axis)
 
-    module.conv = grouped_conv
+    def sliced_roll(x, shift, axis=None):
+        x = tf.convert_to_tensor(x)
+        shifts, axes = _static_ints(shift), _static_ints(0 if axis is None else axis)
+        if shifts is None or axes is None or not x.shape.is_fully_defined():
+            return roll(x, shift, axis)
+        y = tf.reshape(x, [-1]) if axis is None else x  # no axis: the flattened tensor rolls
+        for step, ax in np.broadcast(shifts, axes):
+            ax = int(ax)
+            size = y.shape[ax]
+            step = int(step) % size
+            if step:  # the last `step` entries move to the front
+                y = tf.concat([_slice(y, ax, size - step, size), _slice(y, ax, 0, size - step)], axis=ax)
+        return tf.reshape(y, x.shape)
+
+    def selected_slice_update(inputs, start_indices, updates):
+        inputs, updates = tf.convert_to_tensor(inputs), tf.convert_to_tensor(updates, dtype=inputs.dtype)
+        starts = _static_ints(start_indices)
+        if starts is None or not (inputs.shape.is_fully_defined() and updates.shape.is_fully_defined()):
+            return slice_update(inputs, start_indices, updates)
+        shape, sizes = inputs.shape.as_list(), updates.shape.as_list()
+        starts = [min(max(int(s), 0), n - u) for s, n, u in zip(starts, shape, sizes)]  # clamped as XLA's
+        where = np.zeros(shape, bool)
+        where[tuple(slice(s, s + u) for s, u in zip(starts, sizes))] = True
+        padded = tf.pad(updates, [[s, n - s - u] for s, n, u in zip(starts, shape, sizes)])
+        return tf.where(where, padded, inputs)
+
+    getitem = tf.Tensor.__getitem__
+
+    def getitem_then_new_axes(tensor, spec):
+        items = spec if isinstance(spec, tuple) else (spec,)
+        plain = all(item is None or item is Ellipsis or isinstance(item, slice)
+                    or isinstance(item, (int, np.integer)) and not isinstance(item, bool) for item in items)
+        if not plain or all(item is not None for item in items) or tensor.shape.rank is None:
+            return getitem(tensor, spec)
+        consumed = sum(1 for item in items if item is not None and item is not Ellipsis)
+        new_axes, out = [], 0  # where each None lands in the result
+        for item in items:
+            if item is None:
+                new_axes.append(out)
+            if item is None or isinstance(item, slice):
+                out += 1
+            elif item is Ellipsis:
+                out += tensor.shape.rank - consumed
+        rest = tuple(item for item in items if item is not None)
+        result = getitem(tensor, rest) if rest else tensor
+        for axis in new_axes:
+            result = tf.expand_dims(result, axis)
+        return result
+
+    nn.conv, numpy.roll, core.slice_update = grouped_conv, sliced_roll, selected_slice_update
+    tf.Tensor.__getitem__ = getitem_then_new_axes
     try:
         yield
     finally:
-        module.conv = conv
+        nn.conv, numpy.roll, core.slice_update = conv, roll, slice_update
+        tf.Tensor.__getitem__ = getitem
+
+
+def _static_ints(value):
+    """`value` (an int, a sequence of ints or a tensor) as a 1-D array of ints known when traced, or None."""
+    import numpy as np
+    import tensorflow as tf
+
+    items = [value] if tf.is_tensor(value) else np.atleast_1d(np.asarray(value, dtype=object)).tolist()
+    known = [tf.get_static_value(item) if tf.is_tensor(item) else item for item in items]
+    if any(item is None for item in known):
+        return None
+    return np.concatenate([np.atleast_1d(np.asarray(item)).astype(np.int64) for item in known])
+
+
+def _slice(tensor, axis, start, stop):
+    """tensor[..., start:stop, ...] along `axis` (a plain slice: DTensor shards it)."""
+    import tensorflow as tf
+
+    begin, size = [0] * tensor.shape.rank, tensor.shape.as_list()
+    begin[axis], size[axis] = start, stop - start
+    return tf.slice(tensor, begin, size)
 
 
 def wrap_model_outputs(model, graph, plan, mesh):
@@ -215,4 +301,4 @@ def relayout_output(tensor, spec, mesh):
     return relaid
 
 
-__all__ = ["draws_as_one_device", "grouped_convolutions_without_xla", "relayout_output", "wrap_call", "wrap_model_outputs"]
+__all__ = ["draws_as_one_device", "ops_dtensor_runs", "relayout_output", "wrap_call", "wrap_model_outputs"]

@@ -188,11 +188,48 @@ def _grouped_block_cnn():
 def test_grouped_convolutions_inside_a_block_train_as_on_one_device(strategy):
     """Keras computes a grouped convolution on CPU in an XLA-compiled function, which DTensor runs
     without XLA, to gradients 2e-3 away and no error: wrapped calls run it as per-group and depthwise
-    convolutions instead (wrapping.grouped_convolutions_without_xla)."""
+    convolutions instead (wrapping.ops_dtensor_runs)."""
     loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
     if strategy == "random":
         strategy = keras_lwp.planner.random_strategy(_grouped_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 3)
     _assert_same(_fit(_grouped_block_cnn, _images, loss), _fit(_grouped_block_cnn, _images, loss, strategy))
+
+
+class _ShiftedBlock(L.Layer):
+    """A block that runs its own call, shifting its map and masking as Swin Transformer's does:
+    keras.ops.roll (Roll), a mask built with keras.ops.slice_update (XlaDynamicUpdateSlice) and
+    indexing that adds axes (a strided slice with new axes, whose DTensor layout crashed the process)."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        shifted = keras.ops.roll(x, shift=(-3, 2), axis=(1, 2)) * self.w
+        mask = keras.ops.zeros((1,) + tuple(x.shape[1:3]) + (1,), x.dtype)
+        mask = keras.ops.slice_update(mask, [0, 5, 2, 0], keras.ops.ones((1, 3, 4, 1), x.dtype))
+        shifted = (shifted[:, None] * (1.0 + mask)[None, ...])[:, 0]  # new axes, as Swin's mask[None, :, None]
+        return keras.ops.roll(shifted, shift=3, axis=1) + keras.ops.roll(x, shift=5)
+
+
+def _shifted_block_cnn():
+    inputs = keras.Input((8, 8, 4), name="image")
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = _ShiftedBlock(name="block")(x)
+    x = L.Conv2D(8, 3, padding="same", name="c2")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(5, name="head")(x))
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+@pytest.mark.parametrize("strategy", ["data", "random"])
+def test_roll_and_slice_update_inside_a_block_train_as_on_one_device(strategy):
+    """DTensor has no layout rule for Roll, and XlaDynamicUpdateSlice and a new-axis strided slice
+    crashed the process: wrapped calls compute them from slices, pads, a select and expand_dims
+    (wrapping.ops_dtensor_runs)."""
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    if strategy == "random":
+        strategy = keras_lwp.planner.random_strategy(_shifted_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 5)
+    _assert_same(_fit(_shifted_block_cnn, _images, loss), _fit(_shifted_block_cnn, _images, loss, strategy))
 
 
 # -- overrides hold under every strategy ---------------------------------------------------------------

@@ -68,9 +68,11 @@ SCRIPT = textwrap.dedent('''
     assert getattr(model, "_keras_lwp", None) is None
     train(model)  # the refused model still trains, unparallelized
 
-    class Patch(keras.layers.Layer):  # a mask made with keras.ops.slice_update (XlaDynamicUpdateSlice), as Swin's
+    from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
+
+    class Patch(keras.layers.Layer):  # a mask made with XLA's dynamic_update_slice (keras.ops.slice_update's op)
         def call(self, x):
-            mask = keras.ops.slice_update(keras.ops.ones((6, 4), x.dtype), [0, 0], keras.ops.zeros((2, 4), x.dtype))
+            mask = dynamic_update_slice(tf.ones((6, 4), x.dtype), tf.zeros((2, 4), x.dtype), [0, 0])
             return x * mask
 
     def assert_refused(layer, *words):

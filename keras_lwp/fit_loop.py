@@ -16,7 +16,7 @@ import weakref
 
 import numpy as np
 
-from keras_lwp import keras_internals, multihost, placement
+from keras_lwp import keras_internals, multihost, placement, wrapping
 from keras_lwp.layers import Placement, dimensions_of
 
 def install_functions(model):
@@ -130,8 +130,13 @@ def _step_function(model, step):
         warnings.warn(f"Model '{model.name}' was compiled with jit_compile=True, but its parallelized steps run "
                       "without XLA: TensorFlow DTensor expands them into per-device programs XLA does not compile. "
                       "The numbers are the same; compile with jit_compile=False to silence this.", stacklevel=3)
+    def sharded_step(*args):
+        # The loss and metrics too (a loss's `y_pred[:, None]` crashed DTensor), not only the layers.
+        with wrapping.ops_dtensor_runs():
+            return step(*args)
+
     # No reduce_retracing: a relaxed (None) batch dimension would hide whether the batch divides.
-    compiled = step if model.run_eagerly else tf.function(step)
+    compiled = sharded_step if model.run_eagerly else tf.function(sharded_step)
 
     def run(*args):
         try:

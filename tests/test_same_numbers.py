@@ -106,6 +106,26 @@ def test_a_one_device_mesh_keeps_the_logits_too():
     _assert_same(_fit(make_model, make_data, loss), _fit(make_model, make_data, loss, "data", mesh={"x": 1}))
 
 
+def _pairwise_loss():
+    def loss(y_true, y_pred):  # indexing that adds axes to the batch-split prediction
+        pairs = y_pred[:, None] - y_pred[None, ...]
+        return keras.ops.mean(keras.ops.square(y_pred - y_true), axis=-1) + 0.01 * keras.ops.mean(pairs ** 2, axis=(1, 2))
+    return loss
+
+
+def _regression_data():
+    rng = np.random.default_rng(6)
+    return rng.standard_normal((BATCH * STEPS, 20)), rng.standard_normal((BATCH * STEPS, 3))
+
+
+@pytest.mark.parametrize("strategy", ["data", "model"])
+def test_a_loss_indexing_with_new_axes_runs_as_on_one_device(strategy):
+    """`y_pred[:, None]` on a batch-split tensor crashed the process in DTensor's strided-slice layout
+    propagation; the whole step, loss included, runs such indexing as a slice and expand_dims."""
+    reference = _fit(_classifier(None, 3), _regression_data, _pairwise_loss)
+    _assert_same(reference, _fit(_classifier(None, 3), _regression_data, _pairwise_loss, strategy))
+
+
 def _masked_tagger():
     inputs = keras.Input((12,), dtype="int32", name="tokens")
     x = L.Embedding(30, 16, mask_zero=True, name="embed")(inputs)

@@ -59,9 +59,15 @@ INTERNALS = (
     ("keras.src.backend.tensorflow.nn", "conv", "attribute", "wrapping.py",
      "keras.ops.conv calls it by attribute: grouped ones run without XLA while a wrapped call is traced"),
     ("keras.src.backend.tensorflow.nn", "depthwise_conv", "attribute", "wrapping.py",
-     "a grouped convolution of one input channel per group, computed as the depthwise one it is"),
+     "keras.ops.depthwise_conv calls it by attribute: a dilated one runs as a sum over its taps"),
+    ("keras.src.backend.tensorflow.nn", "separable_conv", "attribute", "wrapping.py",
+     "keras.ops.separable_conv calls it by attribute: a dilated one runs as taps and a pointwise conv"),
     ("keras.src.backend.tensorflow.numpy", "roll", "attribute", "wrapping.py",
      "keras.ops.roll calls it by attribute: slices instead of Roll while a wrapped call is traced"),
+    ("keras.src.backend.tensorflow.numpy", "tril", "attribute", "wrapping.py",
+     "keras.ops.tril calls it by attribute: a select instead of MatrixBandPart"),
+    ("keras.src.backend.tensorflow.numpy", "triu", "attribute", "wrapping.py",
+     "keras.ops.triu calls it by attribute: a select instead of MatrixBandPart"),
     ("keras.src.backend.tensorflow.core", "slice_update", "attribute", "wrapping.py",
      "keras.ops.slice_update calls it by attribute: a select instead of XlaDynamicUpdateSlice"),
 )
@@ -93,7 +99,9 @@ def check():
                             "the logits kept across relayouts", "it no longer reads _keras_logits"))
         from keras.src import ops
 
-        for op, call in ((ops.nn.conv, "backend.nn.conv("), (ops.numpy.roll, "backend.numpy.roll("),
+        for op, call in ((ops.nn.conv, "backend.nn.conv("), (ops.nn.depthwise_conv, "backend.nn.depthwise_conv("),
+                         (ops.nn.separable_conv, "backend.nn.separable_conv("), (ops.numpy.roll, "backend.numpy.roll("),
+                         (ops.numpy.tril, "backend.numpy.tril("), (ops.numpy.triu, "backend.numpy.triu("),
                          (ops.core.slice_update, "backend.core.slice_update(")):
             if call not in inspect.getsource(op):
                 missing.append((op.__module__, op.__name__, "wrapping.py", "ops DTensor runs, while a wrapped "

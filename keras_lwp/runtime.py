@@ -178,6 +178,10 @@ UNRUNNABLE_OPS = frozenset({
     # process). keras.ops.roll and slice_update with shifts and starts known when traced avoid them
     # (wrapping.ops_dtensor_runs).
     "XlaDynamicUpdateSlice", "Roll",
+    # No layout rule, whatever the layouts (each failed a step whose layer ran replicated, 2026-12-07):
+    # a dilated convolution's way on CPU (keras.ops' dilated convolutions avoid it), cumulative
+    # products, matrix diagonals and inverses.
+    "SpaceToBatchND", "BatchToSpaceND", "Cumprod", "MatrixDiagPartV3", "MatrixInverse",
 })
 # What `_ops_of` reports for a function compiled with XLA (jit_compile=True): DTensor runs it without
 # XLA, to wrong values and no error. Keras computes grouped convolutions so (keras_hub's HGNetV2 blocks

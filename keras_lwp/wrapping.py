@@ -131,22 +131,28 @@ def draws_as_one_device(mesh):
 
 @contextlib.contextmanager
 def ops_dtensor_runs():
-    """While a wrapped layer's call is traced, four ops whose TensorFlow form DTensor cannot run are
-    computed from ops it runs, to the same numbers (they reach layers that run their own call: keras_hub's
-    HGNetV2 and Swin Transformer blocks, and any user's):
+    """While a parallelized step is traced, ops whose TensorFlow form DTensor cannot run are computed
+    from ops it runs, to the same numbers (in layers that run their own call: keras_hub's HGNetV2 and
+    Swin Transformer blocks, any user's layer, dilated convolutions; and in the loss):
 
     - a grouped convolution (keras.ops.conv), which Keras compiles with XLA on CPU; DTensor runs the
       compiled function's ops without XLA, and TensorFlow's CPU kernels give wrong gradients with no
       error. It runs as one depthwise convolution when each group has one input channel, else as one
       convolution per group, concatenated. (Conv1D/Conv2D layers keras_lwp places itself run
       `keras_lwp.layers.hidden`'s implementation instead.)
+    - a dilated convolution (keras.ops.conv, depthwise_conv, separable_conv): TensorFlow computes it
+      through SpaceToBatchND, which DTensor has no layout rule for. A convolution runs as the Conv2D
+      op with its dilations (the CPU kernel has them); a depthwise one, whose CPU kernel has none, as
+      a sum over its taps of the input's shifted windows times the tap's weights.
     - keras.ops.roll (Roll: DTensor has no layout rule for it): slices, concatenated.
+    - keras.ops.tril and triu (MatrixBandPart: no layout rule): a select with a constant mask.
     - keras.ops.slice_update at a start known when traced (XlaDynamicUpdateSlice, which crashed the
       process): the update padded to the input's shape, selected where it lands.
-    - indexing that adds axes (`x[:, None]`, `mask[None, ...]`): DTensor's layout propagation for a
-      strided slice with new axes crashed the process (a segmentation fault in
-      slice_util::ForwardLayoutInference::VisitImplicitAxis, on a batch-split tensor). The slice
-      without them, then expand_dims.
+    - indexing with ints and new axes (`x[0]`, `x[:, None]`, `mask[None, ...]`): DTensor's layout
+      propagation for such a strided slice of a split tensor crashed the process (new axes: a
+      segmentation fault in slice_util::ForwardLayoutInference::VisitImplicitAxis) or put the split
+      on the wrong dimension (an int before the split one: TimeDistributed's `inputs[i]` failed). A
+      slice without them, then squeeze and expand_dims.
     Anything else (a start or shift only known when the step runs, a tensor index) goes to the
     original op.
     """
@@ -155,23 +161,69 @@ def ops_dtensor_runs():
     import tensorflow as tf
 
     nn, numpy, core = keras_internals.backend_modules_of_ops()
-    conv, depthwise_conv, roll, slice_update = nn.conv, nn.depthwise_conv, numpy.roll, core.slice_update
+    conv, depthwise_conv, separable_conv = nn.conv, nn.depthwise_conv, nn.separable_conv
+    roll, slice_update, tril, triu = numpy.roll, core.slice_update, numpy.tril, numpy.triu
+
+    def channels_last(data_format):
+        return (data_format or keras.config.image_data_format()) == "channels_last"
+
+    def dilated(inputs, dilation_rate):
+        """The dilations of a channels_last 1-D/2-D window op, or None if it has none (or is another)."""
+        rates = _per_dim(dilation_rate, len(inputs.shape) - 2)
+        return rates if len(inputs.shape) in (3, 4) and any(r > 1 for r in rates) else None
+
+    def native_conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        rates = dilated(inputs, dilation_rate)
+        if rates is None or not channels_last(data_format):
+            return conv(inputs, kernel, strides, padding, data_format, dilation_rate)
+        kernel = tf.convert_to_tensor(kernel)
+        windows = _tap_windows(tf.convert_to_tensor(inputs), kernel.shape[:-2], _per_dim(strides, len(rates)),
+                               padding, rates)
+        patches = tf.concat(windows, axis=-1)  # [N, S'.., taps x C]: the kernel's rows, in its order
+        letters = "nhw"[:len(patches.shape) - 1]  # no "...": DTensor's einsum does not broadcast
+        return tf.einsum(f"{letters}k,kf->{letters}f", patches, tf.reshape(kernel, [-1, kernel.shape[-1]]))
 
     def grouped_conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
-        channels_last = (data_format or keras.config.image_data_format()) == "channels_last"
-        axis = -1 if channels_last else 1
+        axis = -1 if channels_last(data_format) else 1
         kernel = tf.convert_to_tensor(kernel)
         channels, per_group = inputs.shape[axis], kernel.shape[-2]
         if channels is None or per_group is None or channels == per_group:
-            return conv(inputs, kernel, strides, padding, data_format, dilation_rate)
+            return native_conv(inputs, kernel, strides, padding, data_format, dilation_rate)
         groups = channels // per_group
-        if per_group == 1 and channels_last and len(inputs.shape) <= 4:
+        if per_group == 1 and channels_last(data_format) and len(inputs.shape) <= 4:
             # [..., 1, groups * m] -> [..., groups, m]: filter g * m + j reads channel g, as depthwise's.
             kernel = tf.reshape(kernel, list(kernel.shape[:-2]) + [groups, kernel.shape[-1] // groups])
+            return tap_depthwise_conv(inputs, kernel, strides, padding, data_format, dilation_rate)
+        parts = zip(tf.split(inputs, groups, axis=axis), tf.split(kernel, groups, axis=-1))
+        return tf.concat([native_conv(x, k, strides, padding, data_format, dilation_rate) for x, k in parts],
+                         axis=axis)
+
+    def tap_depthwise_conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        rates = dilated(inputs, dilation_rate)
+        if rates is None or not channels_last(data_format):
             as_tuple = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
             return depthwise_conv(inputs, kernel, as_tuple(strides), padding, data_format, as_tuple(dilation_rate))
-        parts = zip(tf.split(inputs, groups, axis=axis), tf.split(kernel, groups, axis=-1))
-        return tf.concat([conv(x, k, strides, padding, data_format, dilation_rate) for x, k in parts], axis=axis)
+        return _depthwise_by_taps(tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel),
+                                  _per_dim(strides, len(rates)), padding, rates)
+
+    def tap_separable_conv(inputs, depthwise_kernel, pointwise_kernel, strides=1, padding="valid", data_format=None,
+                           dilation_rate=1):
+        if dilated(inputs, dilation_rate) is None or not channels_last(data_format):
+            return separable_conv(inputs, depthwise_kernel, pointwise_kernel, strides, padding, data_format,
+                                  dilation_rate)
+        y = tap_depthwise_conv(inputs, depthwise_kernel, strides, padding, data_format, dilation_rate)
+        return conv(y, pointwise_kernel, 1, "valid", data_format, 1)
+
+    def banded(keep):
+        def band(x, k=0):  # tril/triu: a select with a constant mask (MatrixBandPart has no DTensor rule)
+            x = tf.convert_to_tensor(x)
+            offset = _static_ints(k)
+            if offset is None or len(x.shape) < 2 or None in x.shape[-2:]:
+                return (tril if keep == "lower" else triu)(x, k)
+            rows, columns = np.indices(x.shape[-2:])
+            inside = columns - rows <= offset[0] if keep == "lower" else columns - rows >= offset[0]
+            return tf.where(inside, x, tf.zeros_like(x))
+        return band
 
     def sliced_roll(x, shift, axis=None):
         x = tf.convert_to_tensor(x)
@@ -201,34 +253,91 @@ def ops_dtensor_runs():
 
     getitem = tf.Tensor.__getitem__
 
-    def getitem_then_new_axes(tensor, spec):
+    def getitem_as_slices(tensor, spec):
         items = spec if isinstance(spec, tuple) else (spec,)
-        plain = all(item is None or item is Ellipsis or isinstance(item, slice)
-                    or isinstance(item, (int, np.integer)) and not isinstance(item, bool) for item in items)
-        if not plain or all(item is not None for item in items) or tensor.shape.rank is None:
+        is_int = lambda item: isinstance(item, (int, np.integer)) and not isinstance(item, bool)  # noqa: E731
+        plain = all(item is None or item is Ellipsis or isinstance(item, slice) or is_int(item) for item in items)
+        if not plain or not any(item is None or is_int(item) for item in items) or tensor.shape.rank is None:
             return getitem(tensor, spec)
+        rank, shape = tensor.shape.rank, tensor.shape.as_list()
         consumed = sum(1 for item in items if item is not None and item is not Ellipsis)
-        new_axes, out = [], 0  # where each None lands in the result
+        rest, squeezed, new_axes = [], [], []  # the spec without ints and Nones; where they act
+        axis = kept = 0  # the input's axis; the axis in getitem(tensor, rest), whose ints keep their axis
         for item in items:
-            if item is None:
-                new_axes.append(out)
-            if item is None or isinstance(item, slice):
-                out += 1
-            elif item is Ellipsis:
-                out += tensor.shape.rank - consumed
-        rest = tuple(item for item in items if item is not None)
-        result = getitem(tensor, rest) if rest else tensor
+            if item is None:  # its place in the result: the axes kept before it, and the earlier Nones
+                new_axes.append(kept - len(squeezed) + len(new_axes))
+                continue
+            if is_int(item):
+                size = shape[axis] if axis < rank else None
+                if size is None or not -size <= item < size:
+                    return getitem(tensor, spec)  # TensorFlow's own error, or an unknown size
+                start = int(item) % size
+                rest.append(slice(start, start + 1))
+                squeezed.append(kept)
+            else:
+                rest.append(item)
+            step = rank - consumed if item is Ellipsis else 1
+            axis, kept = axis + step, kept + step
+        result = getitem(tensor, tuple(rest)) if rest else tensor
+        result = tf.squeeze(result, squeezed) if squeezed else result
         for axis in new_axes:
             result = tf.expand_dims(result, axis)
         return result
 
-    nn.conv, numpy.roll, core.slice_update = grouped_conv, sliced_roll, selected_slice_update
-    tf.Tensor.__getitem__ = getitem_then_new_axes
+    nn.conv, nn.depthwise_conv, nn.separable_conv = grouped_conv, tap_depthwise_conv, tap_separable_conv
+    numpy.roll, core.slice_update, numpy.tril, numpy.triu = sliced_roll, selected_slice_update, banded("lower"), \
+        banded("upper")
+    tf.Tensor.__getitem__ = getitem_as_slices
     try:
         yield
     finally:
-        nn.conv, numpy.roll, core.slice_update = conv, roll, slice_update
+        nn.conv, nn.depthwise_conv, nn.separable_conv = conv, depthwise_conv, separable_conv
+        numpy.roll, core.slice_update, numpy.tril, numpy.triu = roll, slice_update, tril, triu
         tf.Tensor.__getitem__ = getitem
+
+
+def _per_dim(value, rank):
+    """A window op's strides or dilations as a list of `rank` ints."""
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * rank
+
+
+def _tap_windows(x, sizes, strides, padding, rates):
+    """The windows of a channels_last window op on `x` [N, S.., C], one per kernel tap (the last
+    spatial dim's fastest): each [N, S'.., C], the input rows the tap meets, from Slice and Reshape
+    (`halo.rows`). The CPU kernels have no dilated gradients (Conv2DBackpropInput) or none at all
+    (DepthwiseConv2dNative), and TensorFlow's way round them, SpaceToBatchND, has no DTensor rule."""
+    import itertools
+
+    import tensorflow as tf
+
+    from keras_lwp.layers import halo
+
+    reach = [(k - 1) * r + 1 for k, r in zip(sizes, rates)]
+    if padding.lower() == "same":  # TensorFlow's: the output ceil(S / s), the extra row after
+        pads = [max((-(-n // s) - 1) * s + e - n, 0) for n, s, e in zip(x.shape[1:-1], strides, reach)]
+        x = tf.pad(x, [[0, 0]] + [[p // 2, p - p // 2] for p in pads] + [[0, 0]])
+    outputs = [(n - e) // s + 1 for n, s, e in zip(x.shape[1:-1], strides, reach)]
+    windows = []
+    for tap in itertools.product(*[range(k) for k in sizes]):
+        window = x
+        for i, (t, r, s, n) in enumerate(zip(tap, rates, strides, outputs)):
+            window = halo.rows(window, 1 + i, t * r, t * r + (n - 1) * s + 1, s)
+        windows.append(window)
+    return windows
+
+
+def _depthwise_by_taps(x, kernel, strides, padding, rates):
+    """A channels_last depthwise convolution [N, S.., C] * [K.., C, m] -> [N, S'.., C m]: the sum over
+    the kernel's taps of each tap's window times its weights."""
+    import tensorflow as tf
+
+    channels, multiplier = kernel.shape[-2:]
+    weights = tf.unstack(tf.reshape(kernel, [-1, channels, multiplier]))
+    y = None
+    for window, weight in zip(_tap_windows(x, kernel.shape[:-2], strides, padding, rates), weights):
+        term = window[..., None] * weight
+        y = term if y is None else y + term
+    return tf.reshape(y, [-1 if d is None else d for d in y.shape[:-2]] + [channels * multiplier])
 
 
 def _static_ints(value):

@@ -252,6 +252,34 @@ def test_roll_and_slice_update_inside_a_block_train_as_on_one_device(strategy):
     _assert_same(_fit(_shifted_block_cnn, _images, loss), _fit(_shifted_block_cnn, _images, loss, strategy))
 
 
+def _dilated_cnn():
+    """Dilated convolutions of every kind (TensorFlow computes them through SpaceToBatchND), a
+    TimeDistributed layer (its `inputs[i]`), and keras.ops.tril and triu, of a constant and of the
+    batch-split activations."""
+    inputs = keras.Input((8, 8, 4), name="image")
+    x = L.Conv2D(8, 3, dilation_rate=2, padding="same", name="c1")(inputs)
+    x = L.DepthwiseConv2D(3, dilation_rate=2, padding="same", name="dw")(x)
+    x = L.SeparableConv2D(8, 3, dilation_rate=(1, 2), padding="same", name="sep")(x)
+    x = L.Reshape((8, 64), name="rows")(x)
+    x = L.Conv1D(8, 3, dilation_rate=2, padding="causal", name="tcn")(x)
+    x = L.TimeDistributed(L.Dense(6), name="td")(x)
+    x = L.Lambda(lambda t: keras.ops.einsum("ij,bjc->bic", keras.ops.tril(keras.ops.ones((8, 8), t.dtype)), t)
+                 + keras.ops.triu(t, 1), name="causal_sum")(x)
+    x = L.Flatten(name="flat")(x)
+    return keras.Model(inputs, L.Dense(5, name="head")(x))
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+@pytest.mark.parametrize("strategy", ["data", "model", "random"])
+def test_dilated_convolutions_time_distributed_and_tril_train_as_on_one_device(strategy):
+    """Each failed a parallelized step before (no DTensor rule for SpaceToBatchND or MatrixBandPart;
+    TimeDistributed's int indexing put the split on the wrong dimension)."""
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    if strategy == "random":
+        strategy = keras_lwp.planner.random_strategy(_dilated_cnn(), keras_lwp.make_mesh(MESH), BATCH, 8)
+    _assert_same(_fit(_dilated_cnn, _images, loss), _fit(_dilated_cnn, _images, loss, strategy))
+
+
 # -- overrides hold under every strategy ---------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["data", "model", "owt", "auto"])

@@ -1,0 +1,134 @@
+"""The ops a parallelized step computes its own way (keras_lwp.wrapping.ops_dtensor_runs) give what
+TensorFlow's and NumPy's give, on the host, forward and backward: indexing with ints and new axes,
+roll, slice_update, tril/triu, and grouped and dilated convolutions. (On the mesh: tests/test_same_numbers.py.)"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_lwp.wrapping import ops_dtensor_runs
+
+SPECS = [
+    (slice(None), None), (None, Ellipsis), (0,), (-1,), (2, None), (None, 0, None), (Ellipsis, 1),
+    (Ellipsis, None), (slice(None), -2), (slice(1, None), 0, None, slice(None, None, -1)), (1, 2, 3),
+    (None, None, slice(None), Ellipsis, 0), (slice(None, None, 2), None, -3), (np.int64(1), Ellipsis),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[str(spec) for spec in SPECS])
+def test_indexing_with_ints_and_new_axes_is_numpys(spec):
+    array = np.arange(4 * 5 * 6, dtype=np.float64).reshape(4, 5, 6)
+    x = tf.constant(array)
+    with ops_dtensor_runs():
+        got = x[spec]
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            gradient = tape.gradient(tf.reduce_sum(x[spec] * 3.0), x)
+    np.testing.assert_array_equal(got.numpy(), array[spec])
+    want_gradient = np.zeros_like(array)
+    np.add.at(want_gradient, spec, 3.0)
+    np.testing.assert_array_equal(gradient.numpy(), want_gradient)
+
+
+def test_out_of_range_indexing_keeps_tensorflows_error():
+    with ops_dtensor_runs(), pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        tf.constant(np.zeros((3, 2)))[5]
+
+
+@pytest.mark.parametrize("shift, axis", [(2, 1), (-3, 0), ((1, -2), (0, 2)), (7, None), (0, 1)])
+def test_roll_is_numpys(shift, axis):
+    array = np.arange(3 * 4 * 5, dtype=np.float64).reshape(3, 4, 5)
+    with ops_dtensor_runs():
+        got = keras.ops.roll(tf.constant(array), shift, axis=axis)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), np.roll(array, shift, axis=axis))
+
+
+@pytest.mark.parametrize("start", [(0, 0), (1, 2), (2, 3), (5, 9)], ids=["origin", "inside", "edge", "clamped"])
+def test_slice_update_is_keras_own(start):
+    inputs, updates = tf.constant(np.arange(20.0).reshape(4, 5)), tf.constant(-np.ones((2, 2)))
+    want = keras.ops.slice_update(inputs, start, updates)  # XLA's dynamic_update_slice clamps the start
+    with ops_dtensor_runs():
+        got = keras.ops.slice_update(inputs, start, updates)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want))
+
+
+@pytest.mark.parametrize("k", [0, 1, -2])
+@pytest.mark.parametrize("op", ["tril", "triu"])
+def test_tril_and_triu_are_numpys(op, k):
+    array = np.random.default_rng(1).standard_normal((2, 4, 5))
+    with ops_dtensor_runs():
+        got = getattr(keras.ops, op)(tf.constant(array), k)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), getattr(np, op)(array, k))
+
+
+@pytest.mark.parametrize("rank, channels, filters, groups", [(2, 8, 8, 2), (2, 8, 16, 8), (1, 6, 9, 3), (2, 4, 4, 4)])
+def test_grouped_convolution_is_keras_own(rank, channels, filters, groups):
+    """Against Keras' own (an XLA-compiled function on CPU), forward and every gradient, in float64."""
+    rng = np.random.default_rng(rank + channels)
+    make = keras.layers.Conv2D if rank == 2 else keras.layers.Conv1D
+    layer = make(filters, 3, strides=2, padding="same", groups=groups, dtype="float64")
+    x = tf.constant(rng.standard_normal((2,) + (7,) * rank + (channels,)))
+    layer.build(x.shape)
+
+    def forward_and_gradients():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y] + tape.gradient(loss, [x, layer.kernel.value, layer.bias.value])
+
+    want = forward_and_gradients()
+    with ops_dtensor_runs():
+        got = forward_and_gradients()
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_rewrites_are_what_runs():
+    """Inside the context the graph holds the rewritten ops, none of those DTensor fails on."""
+    def traced_ops(function, *args):
+        with ops_dtensor_runs():
+            graph = tf.function(function).get_concrete_function(*args).graph
+        return {op.type for op in graph.get_operations()}
+
+    x = tf.TensorSpec((4, 5, 6), tf.float64)
+    ops = traced_ops(lambda t: (t[:, None], t[1], keras.ops.roll(t, 2, axis=1), keras.ops.tril(t),
+                                keras.ops.slice_update(t, (0, 1, 1), tf.zeros((4, 2, 2), tf.float64))), x)
+    assert {"ExpandDims", "Squeeze", "ConcatV2", "SelectV2"} <= ops, ops
+    assert not ops & {"Roll", "XlaDynamicUpdateSlice", "MatrixBandPart"}, ops
+
+
+DILATED = [
+    ("Conv1D", dict(filters=5, kernel_size=3, dilation_rate=2, padding="causal"), (11, 4)),
+    ("Conv2D", dict(filters=5, kernel_size=3, dilation_rate=2, padding="same"), (9, 8, 4)),
+    ("Conv2D", dict(filters=6, kernel_size=(3, 2), dilation_rate=(2, 3), padding="valid", groups=2), (9, 8, 4)),
+    ("DepthwiseConv2D", dict(kernel_size=3, dilation_rate=2, padding="same", depth_multiplier=2), (9, 8, 4)),
+    ("DepthwiseConv2D", dict(kernel_size=(2, 3), dilation_rate=(3, 2), padding="valid"), (9, 8, 4)),
+    ("DepthwiseConv1D", dict(kernel_size=3, dilation_rate=3, padding="same"), (10, 4)),
+    ("SeparableConv2D", dict(filters=5, kernel_size=3, dilation_rate=2, padding="same"), (9, 8, 4)),
+]
+
+
+@pytest.mark.parametrize("kind, config, shape", DILATED, ids=[f"{k}-{c.get('padding')}" for k, c, _ in DILATED])
+def test_dilated_convolution_is_keras_own(kind, config, shape):
+    """Without SpaceToBatchND (no DTensor layout rule), forward and every gradient, in float64."""
+    layer = getattr(keras.layers, kind)(dtype="float64", **config)
+    x = tf.constant(np.random.default_rng(3).standard_normal((2,) + shape))
+    layer.build(x.shape)
+    weights = [w.value for w in layer.weights]
+
+    def forward_and_gradients():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y] + tape.gradient(loss, [x] + weights)
+
+    want = forward_and_gradients()
+    with ops_dtensor_runs():
+        got = forward_and_gradients()
+        graph = tf.function(layer.call).get_concrete_function(tf.TensorSpec(x.shape, x.dtype)).graph
+    assert "SpaceToBatchND" not in {op.type for op in graph.get_operations()}
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)

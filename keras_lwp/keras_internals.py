@@ -64,6 +64,8 @@ INTERNALS = (
      "keras.ops.separable_conv calls it by attribute: a dilated one runs as taps and a pointwise conv"),
     ("keras.src.backend.tensorflow.numpy", "roll", "attribute", "wrapping.py",
      "keras.ops.roll calls it by attribute: slices instead of Roll while a wrapped call is traced"),
+    ("keras.src.backend.tensorflow.numpy", "flip", "attribute", "wrapping.py",
+     "keras.ops.flip calls it by attribute: a slice with step -1 instead of ReverseV2"),
     ("keras.src.backend.tensorflow.numpy", "tril", "attribute", "wrapping.py",
      "keras.ops.tril calls it by attribute: a select instead of MatrixBandPart"),
     ("keras.src.backend.tensorflow.numpy", "triu", "attribute", "wrapping.py",
@@ -102,6 +104,7 @@ def check():
         for op, call in ((ops.nn.conv, "backend.nn.conv("), (ops.nn.depthwise_conv, "backend.nn.depthwise_conv("),
                          (ops.nn.separable_conv, "backend.nn.separable_conv("), (ops.numpy.roll, "backend.numpy.roll("),
                          (ops.numpy.tril, "backend.numpy.tril("), (ops.numpy.triu, "backend.numpy.triu("),
+                         (ops.numpy.flip, "backend.numpy.flip("),
                          (ops.core.slice_update, "backend.core.slice_update(")):
             if call not in inspect.getsource(op):
                 missing.append((op.__module__, op.__name__, "wrapping.py", "ops DTensor runs, while a wrapped "

@@ -144,7 +144,8 @@ def ops_dtensor_runs():
       through SpaceToBatchND, which DTensor has no layout rule for. A convolution runs as the Conv2D
       op with its dilations (the CPU kernel has them); a depthwise one, whose CPU kernel has none, as
       a sum over its taps of the input's shifted windows times the tap's weights.
-    - keras.ops.roll (Roll: DTensor has no layout rule for it): slices, concatenated.
+    - keras.ops.roll (Roll: DTensor has no layout rule for it): slices, concatenated; keras.ops.flip
+      (ReverseV2: none either): a slice with step -1.
     - keras.ops.tril and triu (MatrixBandPart: no layout rule): a select with a constant mask.
     - keras.ops.slice_update at a start known when traced (XlaDynamicUpdateSlice, which crashed the
       process): the update padded to the input's shape, selected where it lands.
@@ -162,7 +163,7 @@ def ops_dtensor_runs():
 
     nn, numpy, core = keras_internals.backend_modules_of_ops()
     conv, depthwise_conv, separable_conv = nn.conv, nn.depthwise_conv, nn.separable_conv
-    roll, slice_update, tril, triu = numpy.roll, core.slice_update, numpy.tril, numpy.triu
+    roll, flip, slice_update, tril, triu = numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu
 
     def channels_last(data_format):
         return (data_format or keras.config.image_data_format()) == "channels_last"
@@ -225,6 +226,14 @@ def ops_dtensor_runs():
             return tf.where(inside, x, tf.zeros_like(x))
         return band
 
+    def sliced_flip(x, axis=None):  # a slice with step -1 (ReverseV2 has no DTensor rule)
+        x = tf.convert_to_tensor(x)
+        axes = _static_ints(range(x.shape.rank) if axis is None else axis)
+        if axes is None or x.shape.rank is None:
+            return flip(x, axis)
+        axes = {int(a) % x.shape.rank for a in axes}
+        return x[tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(x.shape.rank))]
+
     def sliced_roll(x, shift, axis=None):
         x = tf.convert_to_tensor(x)
         shifts, axes = _static_ints(shift), _static_ints(0 if axis is None else axis)
@@ -285,14 +294,14 @@ def ops_dtensor_runs():
         return result
 
     nn.conv, nn.depthwise_conv, nn.separable_conv = grouped_conv, tap_depthwise_conv, tap_separable_conv
-    numpy.roll, core.slice_update, numpy.tril, numpy.triu = sliced_roll, selected_slice_update, banded("lower"), \
-        banded("upper")
+    numpy.roll, numpy.flip, core.slice_update = sliced_roll, sliced_flip, selected_slice_update
+    numpy.tril, numpy.triu = banded("lower"), banded("upper")
     tf.Tensor.__getitem__ = getitem_as_slices
     try:
         yield
     finally:
         nn.conv, nn.depthwise_conv, nn.separable_conv = conv, depthwise_conv, separable_conv
-        numpy.roll, core.slice_update, numpy.tril, numpy.triu = roll, slice_update, tril, triu
+        numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu = roll, flip, slice_update, tril, triu
         tf.Tensor.__getitem__ = getitem
 
 

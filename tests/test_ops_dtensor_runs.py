@@ -1,6 +1,6 @@
 """The ops a parallelized step computes its own way (keras_lwp.wrapping.ops_dtensor_runs) give what
 TensorFlow's and NumPy's give, on the host, forward and backward: indexing with ints and new axes,
-roll, slice_update, tril/triu, and grouped and dilated convolutions. (On the mesh: tests/test_same_numbers.py.)"""
+roll, flip, slice_update, tril/triu, and grouped and dilated convolutions. (On the mesh: tests/test_same_numbers.py.)"""
 
 import keras
 import numpy as np
@@ -42,6 +42,14 @@ def test_roll_is_numpys(shift, axis):
     with ops_dtensor_runs():
         got = keras.ops.roll(tf.constant(array), shift, axis=axis)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), np.roll(array, shift, axis=axis))
+
+
+@pytest.mark.parametrize("axis", [None, 1, (0, -1)])
+def test_flip_is_numpys(axis):
+    array = np.arange(3 * 4 * 5, dtype=np.float64).reshape(3, 4, 5)
+    with ops_dtensor_runs():
+        got = keras.ops.flip(tf.constant(array), axis=axis)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), np.flip(array, axis=axis))
 
 
 @pytest.mark.parametrize("start", [(0, 0), (1, 2), (2, 3), (5, 9)], ids=["origin", "inside", "edge", "clamped"])
@@ -93,10 +101,10 @@ def test_the_rewrites_are_what_runs():
         return {op.type for op in graph.get_operations()}
 
     x = tf.TensorSpec((4, 5, 6), tf.float64)
-    ops = traced_ops(lambda t: (t[:, None], t[1], keras.ops.roll(t, 2, axis=1), keras.ops.tril(t),
+    ops = traced_ops(lambda t: (t[:, None], t[1], keras.ops.roll(t, 2, axis=1), keras.ops.tril(t), keras.ops.flip(t, 1),
                                 keras.ops.slice_update(t, (0, 1, 1), tf.zeros((4, 2, 2), tf.float64))), x)
     assert {"ExpandDims", "Squeeze", "ConcatV2", "SelectV2"} <= ops, ops
-    assert not ops & {"Roll", "XlaDynamicUpdateSlice", "MatrixBandPart"}, ops
+    assert not ops & {"Roll", "XlaDynamicUpdateSlice", "MatrixBandPart", "ReverseV2"}, ops
 
 
 DILATED = [

@@ -182,6 +182,7 @@ UNRUNNABLE_OPS = frozenset({
     # a dilated convolution's way on CPU (keras.ops' dilated convolutions avoid it), cumulative
     # products, matrix diagonals and inverses.
     "SpaceToBatchND", "BatchToSpaceND", "Cumprod", "MatrixDiagPartV3", "MatrixInverse",
+    "ImageProjectiveTransformV3",  # RandomZoom, RandomTranslation, RandomRotation
 })
 # What `_ops_of` reports for a function compiled with XLA (jit_compile=True): DTensor runs it without
 # XLA, to wrong values and no error. Keras computes grouped convolutions so (keras_hub's HGNetV2 blocks
@@ -198,6 +199,11 @@ def _refuse_layers_dtensor_cannot_run(graph):
         if info.class_name == "InputLayer" or has_rule_for(info) and not is_composite(info):
             continue  # a composite layer runs its own call: its ops are checked like an unknown layer's
         unrunnable = sorted(_ops_of(info) & (UNRUNNABLE_OPS | {JIT_COMPILED}))
+        if unrunnable and type(info.layer).__module__.startswith("keras.src.layers.preprocessing"):
+            raise ValueError(
+                f"Layer '{name}' ({info.class_name}) computes with {unrunnable[0]}, an op TensorFlow DTensor cannot run on "
+                f"a mesh. It is a preprocessing layer: apply it to the data instead (a tf.data pipeline's "
+                f"`dataset.map(lambda x, y: (layer(x, training=True), y))`), and parallelize the model without it.")
         if unrunnable:
             raise ValueError(
                 f"Layer '{name}' ({info.class_name}) runs its own code (no keras_lwp rule of its own) and computes with {unrunnable[0]}, an op "

@@ -127,3 +127,16 @@ def test_a_mesh_smaller_than_the_devices_says_so():
         warnings.simplefilter("always")
         keras_lwp.make_mesh({"x": 3, "y": 2})
     assert any("uses 6 of this process's 8 CPU devices" in str(w.message) for w in caught)
+
+
+def test_an_augmentation_layer_dtensor_cannot_run_is_refused_with_the_data_pipeline_as_the_way_out():
+    """RandomZoom computes with ImageProjectiveTransformV3, which DTensor has no rule for: refused
+    before any change, pointing at tf.data; the model still trains like plain Keras."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.RandomZoom(0.2, seed=1, name="zoom")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.Flatten()(x)))
+    with pytest.raises(ValueError, match=r"'zoom' \(RandomZoom\).*ImageProjectiveTransformV3.*dataset\.map"):
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=8)
+    assert getattr(model, "_keras_lwp", None) is None
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.zeros((8, 8, 8, 3), "float32"), np.zeros(8), batch_size=8, verbose=0)

@@ -30,9 +30,10 @@ from keras_lwp.placement import to_host, to_mesh
 from keras_lwp.planner import plan_graph, _batch_size
 from keras_lwp.strategy import Strategy
 
-# Ops with no DTensor layout rule (docs/design.md), run replicated: AveragePooling's gradient, the
-# depthwise convolution's filter gradient (DepthwiseConv2D, SeparableConv2D, so MobileNet).
-for _op in ("AVGPOOLGRAD", "DEPTHWISECONV2DNATIVEBACKPROPFILTER", "DEPTHWISECONV2DNATIVEBACKPROPINPUT"):
+# Ops with no DTensor layout rule (docs/design.md), run replicated: AveragePooling's gradient (3-D's
+# too: AveragePooling3D, which has no rule, failed its step without it), the depthwise convolution's
+# filter gradient (DepthwiseConv2D, SeparableConv2D, so MobileNet).
+for _op in ("AVGPOOLGRAD", "AVGPOOL3DGRAD", "DEPTHWISECONV2DNATIVEBACKPROPFILTER", "DEPTHWISECONV2DNATIVEBACKPROPINPUT"):
     os.environ.setdefault(f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{_op}", "1")
 # DTensor's all-reduce combining silently applied stale Adam/momentum slot values on some graphs
 # (reproduced here: a branchy model under OWT and a transformer block under data parallelism trained

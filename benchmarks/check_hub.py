@@ -56,6 +56,10 @@ OTHER_TEXT = {
     "albert": ("AlbertBackbone", lambda n: dict(num_heads=4, embedding_dim=32, max_sequence_length=n, **_DECODER)),
     "deberta_v3": ("DebertaV3Backbone", lambda n: dict(num_heads=4, max_sequence_length=n, bucket_size=8, **_DECODER)),
     "f_net": ("FNetBackbone", lambda n: dict(max_sequence_length=n, **_DECODER)),
+    "qwen3": ("Qwen3Backbone", lambda n: dict(num_query_heads=4, num_key_value_heads=2, head_dim=16, **_DECODER)),
+    "roformer_v2": ("RoformerV2Backbone", lambda n: dict(num_heads=4, head_size=16, max_wavelength=n, **_DECODER)),
+    "xlnet": ("XLNetBackbone", lambda n: dict(num_heads=4, **_DECODER)),
+    "esm2": ("ESM2Backbone", lambda n: dict(num_heads=4, **_DECODER)),
 }
 
 

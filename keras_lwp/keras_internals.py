@@ -70,6 +70,8 @@ INTERNALS = (
      "keras.ops.tril calls it by attribute: a select instead of MatrixBandPart"),
     ("keras.src.backend.tensorflow.numpy", "triu", "attribute", "wrapping.py",
      "keras.ops.triu calls it by attribute: a select instead of MatrixBandPart"),
+    ("keras.src.backend.tensorflow.math", "top_k", "attribute", "wrapping.py",
+     "keras.ops.top_k calls it by attribute: its gradient through a one-hot product, not a scatter"),
     ("keras.src.backend.tensorflow.core", "slice_update", "attribute", "wrapping.py",
      "keras.ops.slice_update calls it by attribute: a select instead of XlaDynamicUpdateSlice"),
 )
@@ -104,7 +106,7 @@ def check():
         for op, call in ((ops.nn.conv, "backend.nn.conv("), (ops.nn.depthwise_conv, "backend.nn.depthwise_conv("),
                          (ops.nn.separable_conv, "backend.nn.separable_conv("), (ops.numpy.roll, "backend.numpy.roll("),
                          (ops.numpy.tril, "backend.numpy.tril("), (ops.numpy.triu, "backend.numpy.triu("),
-                         (ops.numpy.flip, "backend.numpy.flip("),
+                         (ops.numpy.flip, "backend.numpy.flip("), (ops.math.top_k, "backend.math.top_k("),
                          (ops.core.slice_update, "backend.core.slice_update(")):
             if call not in inspect.getsource(op):
                 missing.append((op.__module__, op.__name__, "wrapping.py", "ops DTensor runs, while a wrapped "
@@ -195,11 +197,11 @@ def random_module():
 
 
 def backend_modules_of_ops():
-    """keras.src.backend.tensorflow's nn, numpy and core: keras.ops.conv, roll and slice_update call
-    their functions by attribute (wrapping.ops_dtensor_runs)."""
-    from keras.src.backend.tensorflow import core, nn, numpy
+    """keras.src.backend.tensorflow's nn, numpy, core and math: keras.ops (conv, roll, slice_update,
+    top_k, ...) call their functions by attribute (wrapping.ops_dtensor_runs)."""
+    from keras.src.backend.tensorflow import core, math, nn, numpy
 
-    return nn, numpy, core
+    return nn, numpy, core, math
 
 
 def ops_module():

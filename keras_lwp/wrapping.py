@@ -147,6 +147,9 @@ def ops_dtensor_runs():
     - keras.ops.roll (Roll: DTensor has no layout rule for it): slices, concatenated; keras.ops.flip
       (ReverseV2: none either): a slice with step -1.
     - keras.ops.tril and triu (MatrixBandPart: no layout rule): a select with a constant mask.
+    - keras.ops.top_k's gradient: TensorFlow's scatters into flat indices it numbers with a range,
+      which DTensor laid out wrongly on a batch-split input, silently (a Mixtral-style router trained
+      1e-2 away from one device). Here each value's gradient returns through a one-hot product.
     - keras.ops.slice_update at a start known when traced (XlaDynamicUpdateSlice, which crashed the
       process): the update padded to the input's shape, selected where it lands.
     - indexing with ints and new axes (`x[0]`, `x[:, None]`, `mask[None, ...]`): DTensor's layout
@@ -161,9 +164,10 @@ def ops_dtensor_runs():
     import numpy as np
     import tensorflow as tf
 
-    nn, numpy, core = keras_internals.backend_modules_of_ops()
+    nn, numpy, core, math = keras_internals.backend_modules_of_ops()
     conv, depthwise_conv, separable_conv = nn.conv, nn.depthwise_conv, nn.separable_conv
     roll, flip, slice_update, tril, triu = numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu
+    top_k = math.top_k
 
     def channels_last(data_format):
         return (data_format or keras.config.image_data_format()) == "channels_last"
@@ -214,6 +218,20 @@ def ops_dtensor_runs():
                                   dilation_rate)
         y = tap_depthwise_conv(inputs, depthwise_kernel, strides, padding, data_format, dilation_rate)
         return conv(y, pointwise_kernel, 1, "valid", data_format, 1)
+
+    def top_k_by_one_hot(x, k, sorted=True):
+        x = tf.convert_to_tensor(x)
+        if x.shape.rank is None or x.shape[-1] is None or not x.dtype.is_floating:
+            return top_k(x, k, sorted)
+
+        @tf.custom_gradient
+        def values_and_indices(x):
+            values, indices = tf.math.top_k(x, k, sorted=sorted)
+
+            def gradient(d_values, d_indices=None):  # each picked value's gradient back at its place
+                return tf.reduce_sum(tf.one_hot(indices, x.shape[-1], dtype=d_values.dtype) * d_values[..., None], -2)
+            return (values, indices), gradient
+        return values_and_indices(x)
 
     def banded(keep):
         def band(x, k=0):  # tril/triu: a select with a constant mask (MatrixBandPart has no DTensor rule)
@@ -296,12 +314,14 @@ def ops_dtensor_runs():
     nn.conv, nn.depthwise_conv, nn.separable_conv = grouped_conv, tap_depthwise_conv, tap_separable_conv
     numpy.roll, numpy.flip, core.slice_update = sliced_roll, sliced_flip, selected_slice_update
     numpy.tril, numpy.triu = banded("lower"), banded("upper")
+    math.top_k = top_k_by_one_hot
     tf.Tensor.__getitem__ = getitem_as_slices
     try:
         yield
     finally:
         nn.conv, nn.depthwise_conv, nn.separable_conv = conv, depthwise_conv, separable_conv
         numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu = roll, flip, slice_update, tril, triu
+        math.top_k = top_k
         tf.Tensor.__getitem__ = getitem
 
 

@@ -1,6 +1,6 @@
 """The ops a parallelized step computes its own way (keras_lwp.wrapping.ops_dtensor_runs) give what
 TensorFlow's and NumPy's give, on the host, forward and backward: indexing with ints and new axes,
-roll, flip, slice_update, tril/triu, and grouped and dilated convolutions. (On the mesh: tests/test_same_numbers.py.)"""
+roll, flip, slice_update, tril/triu, top_k, and grouped and dilated convolutions. (On the mesh: tests/test_same_numbers.py.)"""
 
 import keras
 import numpy as np
@@ -50,6 +50,25 @@ def test_flip_is_numpys(axis):
     with ops_dtensor_runs():
         got = keras.ops.flip(tf.constant(array), axis=axis)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), np.flip(array, axis=axis))
+
+
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_top_k_and_its_gradient_are_tensorflows(sorted_):
+    x = tf.constant(np.random.default_rng(2).standard_normal((3, 4, 7)))
+    weights = tf.constant(np.arange(1.0, 4.0))
+
+    def values_indices_gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            values, indices = keras.ops.top_k(x, 3, sorted=sorted_)
+            loss = tf.reduce_sum(tf.sin(values) * weights)
+        return values, indices, tape.gradient(loss, x)
+
+    want = values_indices_gradient()
+    with ops_dtensor_runs():
+        got = values_indices_gradient()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 @pytest.mark.parametrize("start", [(0, 0), (1, 2), (2, 3), (5, 9)], ids=["origin", "inside", "edge", "clamped"])

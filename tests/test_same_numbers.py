@@ -280,6 +280,43 @@ def test_dilated_convolutions_time_distributed_and_tril_train_as_on_one_device(s
     _assert_same(_fit(_dilated_cnn, _images, loss), _fit(_dilated_cnn, _images, loss, strategy))
 
 
+class _Router(L.Layer):
+    """A mixture-of-experts block as Mixtral's: a gate, the top 2 of 4 experts per token, their outputs
+    weighted. keras.ops.top_k's TensorFlow gradient went wrong under a batch split, silently (1e-2)."""
+
+    def build(self, shape):
+        self.gate = L.Dense(4, use_bias=False)
+        self.gate.build(shape)
+        self.experts = self.add_weight(shape=(4, shape[-1], 6), initializer="glorot_uniform")
+
+    def call(self, x):
+        flat = keras.ops.reshape(x, (-1, x.shape[-1]))
+        top_p, top_i = keras.ops.top_k(keras.ops.softmax(self.gate(flat)), k=2)
+        routing = keras.ops.sum(keras.ops.one_hot(top_i, 4) * top_p[..., None], axis=1)  # [tokens, experts]
+        out = keras.ops.einsum("th,ehm,te->tm", flat, self.experts, routing)
+        return keras.ops.reshape(out, (-1, x.shape[1], 6))
+
+
+def _routed():
+    inputs = keras.Input((5, 8), name="tokens")
+    x = _Router(name="router")(L.Dense(8, name="embed")(inputs))
+    return keras.Model(inputs, L.Dense(3, name="head")(L.Flatten(name="flat")(x)))
+
+
+def _token_data():
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((BATCH * STEPS, 5, 8)), rng.integers(0, 3, BATCH * STEPS)
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+@pytest.mark.parametrize("strategy", ["data", "random"])
+def test_a_top_k_router_trains_as_on_one_device(strategy):
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    if strategy == "random":
+        strategy = keras_lwp.planner.random_strategy(_routed(), keras_lwp.make_mesh(MESH), BATCH, 2)
+    _assert_same(_fit(_routed, _token_data, loss), _fit(_routed, _token_data, loss, strategy))
+
+
 # -- overrides hold under every strategy ---------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["data", "model", "owt", "auto"])

@@ -3,7 +3,7 @@ trained under plans on a 4x2 mesh of 8 logical CPUs against one device, in float
 TensorFlow has no float64 kernel).
 
     python -m benchmarks.check_ops                       # every case, "data" and a random plan
-    python -m benchmarks.check_ops --cases=tril,TimeDistributed --strategies=data,model,random1
+    python -m benchmarks.check_ops --cases=tril,top_k@split,TimeDistributed --strategies=data,model,random1
 
 Each case runs in a process of its own, so a crash inside TensorFlow is reported, not fatal. Per case
 and plan: the worst weight/prediction error relative to the largest weight (goal 1e-9; 1e-5 in
@@ -65,7 +65,8 @@ LAYERS = {
 }
 # TensorFlow has no float64 kernel for these (or Keras' layer casts to float32): float32, tolerance 1e-5.
 FLOAT32 = {"AveragePooling3D", "MaxPooling3D", "RandomRotation"}
-# keras.ops in a user's layer (no rule: it runs replicated) on the [8, 6, 4] activations `x`.
+# keras.ops in a user's layer on the [8, 6, 4] activations `x`: "<name>" runs in a layer with no rule
+# (replicated), "<name>@split" in a layer holding a Dense (a block: DTensor runs it split by samples).
 OPS = {
     "sort": "ops.sort(x, axis=1)", "argsort": "ops.argsort(x, axis=1)", "top_k": "ops.top_k(x, 2)[0]",
     "cumsum": "ops.cumsum(x, axis=1)", "cumprod": "ops.cumprod(x, axis=2)", "flip": "ops.flip(x, axis=1)",
@@ -110,14 +111,21 @@ def run_case(name):
 
     warnings.simplefilter("ignore")
     L = keras.layers
+    op, split = name.split("@")[0], name.endswith("@split")
     if name in LAYERS:
         shape, body = LAYERS[name]
     else:
-        shape, body = SEQUENCE, f"Op()(x)"
+        shape, body = SEQUENCE, "Op()(x)"
 
     class Op(L.Layer):
+        def build(self, input_shape):
+            if split:  # a layer made of layers: planned as a block, its own call split by samples
+                self.inner = L.Dense(input_shape[-1], name="inner")
+                self.inner.build(input_shape)
+
         def call(self, x):
-            return ops.cast(eval(OPS[name], {"ops": ops, "x": x}), x.dtype)  # noqa: S307  the case's expression
+            x = self.inner(x) if split else x
+            return ops.cast(eval(OPS[op], {"ops": ops, "x": x}), x.dtype)  # noqa: S307  the case's expression
 
     def make():
         keras.utils.set_random_seed(1)
@@ -171,8 +179,8 @@ def main(argv):
     cases = []
     for entry in FLAGS.cases:
         cases += list(LAYERS) if entry in ("all", "layers") else []
-        cases += list(OPS) if entry in ("all", "ops") else []
-        cases += [entry] if entry in LAYERS or entry in OPS else []
+        cases += [f"{op}{form}" for op in OPS for form in ("", "@split")] if entry in ("all", "ops") else []
+        cases += [entry] if entry in LAYERS or entry.split("@")[0] in OPS else []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     counts = {"equal": 0, "refused": 0, "bad": 0}
     for name in cases:

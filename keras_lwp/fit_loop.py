@@ -16,7 +16,7 @@ import weakref
 
 import numpy as np
 
-from keras_lwp import keras_internals, multihost, placement, wrapping
+from keras_lwp import keras_internals, multihost, op_rewrites, placement
 from keras_lwp.layers import Placement, dimensions_of
 
 def install_functions(model):
@@ -132,7 +132,7 @@ def _step_function(model, step):
                       "The numbers are the same; compile with jit_compile=False to silence this.", stacklevel=3)
     def sharded_step(*args):
         # The loss and metrics too (a loss's `y_pred[:, None]` crashed DTensor), not only the layers.
-        with wrapping.ops_dtensor_runs():
+        with op_rewrites.ops_dtensor_runs():
             return step(*args)
 
     # No reduce_retracing: a relaxed (None) batch dimension would hide whether the batch divides.

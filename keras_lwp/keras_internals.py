@@ -56,23 +56,23 @@ INTERNALS = (
      "Bidirectional reverses its backward outputs with ops.flip (ReverseV2): a gather while it is traced"),
     ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "wrapping.py",
      "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
-    ("keras.src.backend.tensorflow.nn", "conv", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.nn", "conv", "attribute", "op_rewrites.py",
      "keras.ops.conv calls it by attribute: grouped ones run without XLA while a wrapped call is traced"),
-    ("keras.src.backend.tensorflow.nn", "depthwise_conv", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.nn", "depthwise_conv", "attribute", "op_rewrites.py",
      "keras.ops.depthwise_conv calls it by attribute: a dilated one runs as a sum over its taps"),
-    ("keras.src.backend.tensorflow.nn", "separable_conv", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.nn", "separable_conv", "attribute", "op_rewrites.py",
      "keras.ops.separable_conv calls it by attribute: a dilated one runs as taps and a pointwise conv"),
-    ("keras.src.backend.tensorflow.numpy", "roll", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.numpy", "roll", "attribute", "op_rewrites.py",
      "keras.ops.roll calls it by attribute: slices instead of Roll while a wrapped call is traced"),
-    ("keras.src.backend.tensorflow.numpy", "flip", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.numpy", "flip", "attribute", "op_rewrites.py",
      "keras.ops.flip calls it by attribute: a slice with step -1 instead of ReverseV2"),
-    ("keras.src.backend.tensorflow.numpy", "tril", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.numpy", "tril", "attribute", "op_rewrites.py",
      "keras.ops.tril calls it by attribute: a select instead of MatrixBandPart"),
-    ("keras.src.backend.tensorflow.numpy", "triu", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.numpy", "triu", "attribute", "op_rewrites.py",
      "keras.ops.triu calls it by attribute: a select instead of MatrixBandPart"),
-    ("keras.src.backend.tensorflow.math", "top_k", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.math", "top_k", "attribute", "op_rewrites.py",
      "keras.ops.top_k calls it by attribute: its gradient through a one-hot product, not a scatter"),
-    ("keras.src.backend.tensorflow.core", "slice_update", "attribute", "wrapping.py",
+    ("keras.src.backend.tensorflow.core", "slice_update", "attribute", "op_rewrites.py",
      "keras.ops.slice_update calls it by attribute: a select instead of XlaDynamicUpdateSlice"),
 )
 
@@ -109,7 +109,7 @@ def check():
                          (ops.numpy.flip, "backend.numpy.flip("), (ops.math.top_k, "backend.math.top_k("),
                          (ops.core.slice_update, "backend.core.slice_update(")):
             if call not in inspect.getsource(op):
-                missing.append((op.__module__, op.__name__, "wrapping.py", "ops DTensor runs, while a wrapped "
+                missing.append((op.__module__, op.__name__, "op_rewrites.py", "ops DTensor runs, while a wrapped "
                                 "call is traced", f"it no longer calls {call[:-1]} by attribute"))
     except (ImportError, AttributeError, OSError):
         pass  # reported above
@@ -198,7 +198,7 @@ def random_module():
 
 def backend_modules_of_ops():
     """keras.src.backend.tensorflow's nn, numpy, core and math: keras.ops (conv, roll, slice_update,
-    top_k, ...) call their functions by attribute (wrapping.ops_dtensor_runs)."""
+    top_k, ...) call their functions by attribute (op_rewrites.ops_dtensor_runs)."""
     from keras.src.backend.tensorflow import core, math, nn, numpy
 
     return nn, numpy, core, math

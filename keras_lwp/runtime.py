@@ -10,6 +10,8 @@ keras_lwp.keras_internals (checked by tests/test_keras_internals.py). The work i
 | keras_lwp.wrapping    | each layer's `call` (and the model's) relays its inputs and output to the   |
 |                       | plan's layouts, so DTensor inserts exactly the plan's communication          |
 | keras_lwp.fit_loop    | Keras' train/test/predict functions, replaced by ones DTensor can run       |
+| keras_lwp.op_rewrites | while a step is traced, ops DTensor cannot run (or runs wrong) computed     |
+|                       | from ops it runs: grouped/dilated convolutions, roll, top_k's gradient, ... |
 
 This module checks the model, plans it (keras_lwp.planner) and applies the plan. On a mesh spanning
 several clients (keras_lwp.multihost), each client packs only its own devices' blocks of the batch it
@@ -21,7 +23,7 @@ import os
 
 import numpy as np
 
-from keras_lwp import fit_loop, keras_internals, multihost, placement, wrapping
+from keras_lwp import fit_loop, keras_internals, multihost, op_rewrites, placement, wrapping
 from keras_lwp.cost.calibration import default_profile
 from keras_lwp.graph import layer_graph
 from keras_lwp.layers import Placement, dimensions_of, has_rule_for, is_composite
@@ -177,7 +179,7 @@ UNRUNNABLE_OPS = frozenset({
     "FusedBatchNormV3", "FusedBatchNormGradV3", "ReverseV2",
     # tf.roll and XLA's dynamic_update_slice (run replicated by DTensor's default, it crashed the
     # process). keras.ops.roll and slice_update with shifts and starts known when traced avoid them
-    # (wrapping.ops_dtensor_runs).
+    # (op_rewrites.ops_dtensor_runs).
     "XlaDynamicUpdateSlice", "Roll",
     # No layout rule, whatever the layouts (each failed a step whose layer ran replicated, 2026-12-07):
     # a dilated convolution's way on CPU (keras.ops' dilated convolutions avoid it), cumulative
@@ -188,7 +190,7 @@ UNRUNNABLE_OPS = frozenset({
 # What `_ops_of` reports for a function compiled with XLA (jit_compile=True): DTensor runs it without
 # XLA, to wrong values and no error. Keras computes grouped convolutions so (keras_hub's HGNetV2 blocks
 # trained 2e-3 away from one device, its loss read 0): wrapped calls run those without XLA
-# (wrapping.ops_dtensor_runs), so what is left is a layer's own jit_compile.
+# (op_rewrites.ops_dtensor_runs), so what is left is a layer's own jit_compile.
 JIT_COMPILED = "an XLA-compiled function (jit_compile=True)"
 
 
@@ -235,7 +237,7 @@ def _ops_of(info):
         return tape.gradient(outs, sources) if outs and sources else outs
 
     try:
-        with wrapping.ops_dtensor_runs():  # as a wrapped call runs them
+        with op_rewrites.ops_dtensor_runs():  # as a wrapped call runs them
             graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
     except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
         return set()

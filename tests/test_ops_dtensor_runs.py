@@ -1,4 +1,4 @@
-"""The ops a parallelized step computes its own way (keras_lwp.wrapping.ops_dtensor_runs) give what
+"""The ops a parallelized step computes its own way (keras_lwp.op_rewrites.ops_dtensor_runs) give what
 TensorFlow's and NumPy's give, on the host, forward and backward: indexing with ints and new axes,
 roll, flip, slice_update, tril/triu, top_k, and grouped and dilated convolutions. (On the mesh: tests/test_same_numbers.py.)"""
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_lwp.wrapping import ops_dtensor_runs
+from keras_lwp.op_rewrites import ops_dtensor_runs
 
 SPECS = [
     (slice(None), None), (None, Ellipsis), (0,), (-1,), (2, None), (None, 0, None), (Ellipsis, 1),

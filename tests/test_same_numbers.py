@@ -208,7 +208,7 @@ def _grouped_block_cnn():
 def test_grouped_convolutions_inside_a_block_train_as_on_one_device(strategy):
     """Keras computes a grouped convolution on CPU in an XLA-compiled function, which DTensor runs
     without XLA, to gradients 2e-3 away and no error: wrapped calls run it as per-group and depthwise
-    convolutions instead (wrapping.ops_dtensor_runs)."""
+    convolutions instead (op_rewrites.ops_dtensor_runs)."""
     loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
     if strategy == "random":
         strategy = keras_lwp.planner.random_strategy(_grouped_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 3)
@@ -245,7 +245,7 @@ def _shifted_block_cnn():
 def test_roll_and_slice_update_inside_a_block_train_as_on_one_device(strategy):
     """DTensor has no layout rule for Roll, and XlaDynamicUpdateSlice and a new-axis strided slice
     crashed the process: wrapped calls compute them from slices, pads, a select and expand_dims
-    (wrapping.ops_dtensor_runs)."""
+    (op_rewrites.ops_dtensor_runs)."""
     loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
     if strategy == "random":
         strategy = keras_lwp.planner.random_strategy(_shifted_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 5)

@@ -4,7 +4,8 @@
 needs, the layer computes (its own call, or the implementation its rule gives for a split DTensor
 cannot run), and the output is relaid to the configuration's output layout, so DTensor inserts exactly
 the plan's communication between layers. Random draws inside it are made as on one device
-(`draws_as_one_device`), and what Keras reads from an output beside its value (the logits under a
+(`draws_as_one_device`), ops DTensor cannot run are computed from ops it runs (`op_rewrites`), and
+what Keras reads from an output beside its value (the logits under a
 softmax, the mask) survives the relayout (`relayout_output`).
 """
 

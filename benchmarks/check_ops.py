@@ -86,7 +86,7 @@ OPS = {
     "depthwise_conv": "ops.nn.depthwise_conv(x, ops.ones((3, 4, 1), x.dtype), padding='same')",
     "conv_transpose": "ops.nn.conv_transpose(x, ops.ones((3, 2, 4), x.dtype), 2, padding='same')",
     "activations": "ops.nn.gelu(x) + ops.nn.silu(x) + ops.nn.log_softmax(x)",
-    "roll": "ops.roll(x, 2, axis=1)", "roll_flat": "ops.roll(x, 3)", "reverse_slice": "x[:, ::-1]",
+    "roll": "ops.roll(x, 2, axis=1)", "roll_flat": "ops.roll(x, 3)", "roll_batch": "ops.roll(x, 1, axis=0)", "reverse_slice": "x[:, ::-1]",
     "new_axis": "x[:, None][:, 0] * x[None, ...][0] + x[..., None][..., 0]", "int_index": "ops.transpose(x, (1, 0, 2))[2]",
     "slice": "ops.slice(x, (0, 1, 0), (8, 3, 4))", "normalize": "ops.nn.normalize(x, axis=-1)",
     "median": "ops.reshape(ops.median(x, axis=1), (-1, 4))",  # TensorFlow's loses the static shape

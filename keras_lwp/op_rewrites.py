@@ -28,7 +28,8 @@ def ops_dtensor_runs():
       through SpaceToBatchND, which DTensor has no layout rule for (the CPU kernels have no dilated
       gradients, or no dilations at all). It runs from the input's windows, one per kernel tap: one
       matmul for a convolution, a weighted sum for a depthwise one.
-    - keras.ops.roll (Roll: DTensor has no layout rule for it): slices, concatenated; keras.ops.flip
+    - keras.ops.roll (Roll: DTensor has no layout rule for it): a gather of the rolled positions (not
+      slices concatenated: DTensor refuses a concat along a split dimension); keras.ops.flip
       (ReverseV2: none either): a slice with step -1.
     - keras.ops.tril and triu (MatrixBandPart: no layout rule): a select with a constant mask.
     - keras.ops.top_k's gradient: TensorFlow's scatters into flat indices it numbers with a range,
@@ -135,7 +136,7 @@ def ops_dtensor_runs():
         axes = {int(a) % x.shape.rank for a in axes}
         return x[tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(x.shape.rank))]
 
-    def sliced_roll(x, shift, axis=None):
+    def gathered_roll(x, shift, axis=None):
         x = tf.convert_to_tensor(x)
         shifts, axes = _static_ints(shift), _static_ints(0 if axis is None else axis)
         if shifts is None or axes is None or not x.shape.is_fully_defined():
@@ -145,8 +146,9 @@ def ops_dtensor_runs():
             ax = int(ax)
             size = y.shape[ax]
             step = int(step) % size
-            if step:  # the last `step` entries move to the front
-                y = tf.concat([_slice(y, ax, size - step, size), _slice(y, ax, 0, size - step)], axis=ax)
+            if step:  # the last `step` entries move to the front (a gather: DTensor refuses a concat
+                # along a split dimension, as the batch's or a flattened batch-split tensor's)
+                y = tf.gather(y, np.roll(np.arange(size), step), axis=ax)
         return tf.reshape(y, x.shape)
 
     def selected_slice_update(inputs, start_indices, updates):
@@ -195,7 +197,7 @@ def ops_dtensor_runs():
         return result
 
     nn.conv, nn.depthwise_conv, nn.separable_conv = grouped_conv, depthwise_conv_by_taps, separable_conv_by_taps
-    numpy.roll, numpy.flip, core.slice_update = sliced_roll, sliced_flip, selected_slice_update
+    numpy.roll, numpy.flip, core.slice_update = gathered_roll, sliced_flip, selected_slice_update
     numpy.tril, numpy.triu = banded("lower"), banded("upper")
     math.top_k = top_k_by_one_hot
     tf.Tensor.__getitem__ = getitem_as_slices
@@ -261,14 +263,3 @@ def _static_ints(value):
     if any(item is None for item in known):
         return None
     return np.concatenate([np.atleast_1d(np.asarray(item)).astype(np.int64) for item in known])
-
-
-def _slice(tensor, axis, start, stop):
-    """tensor[..., start:stop, ...] along `axis` (a plain slice: DTensor shards it)."""
-    import tensorflow as tf
-
-    begin, size = [0] * tensor.shape.rank, tensor.shape.as_list()
-    begin[axis], size[axis] = start, stop - start
-    return tf.slice(tensor, begin, size)
-
-

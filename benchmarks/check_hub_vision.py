@@ -18,7 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["deit", "dinov2", "resnet", "vgg", "densenet", "mit", "vitdet", "xception", "swin",
-                             "hgnetv2"], "keras_hub vision backbones (see BACKBONES).")
+                             "hgnetv2", "deeplab_v3"], "keras_hub vision backbones (see BACKBONES).")
 flags.DEFINE_string("strategy", "random0", "'auto', 'data', 'owt', 'model' or 'random<seed>' (a random valid plan).")
 
 SIDE, BATCH = 32, 8
@@ -40,6 +40,8 @@ BACKBONES = {  # name: (class, keyword arguments)
     "xception": ("XceptionBackbone", dict(stackwise_conv_filters=[[8, 16], [16, 16]], stackwise_pooling=[True, False])),
     "swin": ("SwinTransformerBackbone", dict(embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
                                              patch_size=2)),
+    "deeplab_v3": ("DeepLabV3Backbone", dict(spatial_pyramid_pooling_key="P3", low_level_feature_key="P2",
+                                             upsampling_size=2, dilation_rates=[2, 3], projection_filters=8)),
     "hgnetv2": ("HGNetV2Backbone", dict(depths=[1, 1], embedding_size=16, hidden_sizes=[16, 32],
                                         stem_channels=[3, 8, 16], hidden_act="relu", use_learnable_affine_block=True,
                                         stackwise_stage_filters=[[16, 8, 16, 1, 2, 3], [16, 8, 32, 1, 2, 3]],
@@ -53,6 +55,9 @@ def build(name):
 
     keras.utils.set_random_seed(0)
     cls, kwargs = BACKBONES[name]
+    if cls == "DeepLabV3Backbone":  # atrous (dilated) convolutions over a ResNet encoder's pyramid
+        encoder = keras_hub.models.ResNetBackbone(image_shape=(SIDE, SIDE, 3), **BACKBONES["resnet"][1])
+        kwargs = dict(kwargs, image_encoder=encoder)
     backbone = getattr(keras_hub.models, cls)(image_shape=(SIDE, SIDE, 3), **kwargs)
     features = backbone.output
     if isinstance(features, dict):  # a feature pyramid: its last level

@@ -191,7 +191,8 @@ def main(argv):
             lines.append(f"{name} CRASHED the process (exit {out.returncode})")
         for line in lines:
             print(line, flush=True)
-            kind = ("equal" if line.endswith(" equal") else "refused" if "refused" in line or " - " in line
+            kind = ("equal" if line.endswith(" equal") else
+                    "refused" if " refused by parallelize: " in line or " - one device fails too: " in line
                     else "bad")
             counts[kind] += 1
     print(f"goal: every case equal to one device (1e-9 in float64, 1e-5 in float32) or refused by parallelize, none failing at fit or "

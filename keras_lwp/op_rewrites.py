@@ -226,11 +226,12 @@ def _tap_windows(x, sizes, strides, padding, rates):
 
     from keras_lwp.layers import halo
 
-    reach = [(k - 1) * r + 1 for k, r in zip(sizes, rates)]
-    if padding.lower() == "same":  # TensorFlow's: the output ceil(S / s), the extra row after
-        pads = [max((-(-n // s) - 1) * s + e - n, 0) for n, s, e in zip(x.shape[1:-1], strides, reach)]
-        x = tf.pad(x, [[0, 0]] + [[p // 2, p - p // 2] for p in pads] + [[0, 0]])
-    outputs = [(n - e) // s + 1 for n, s, e in zip(x.shape[1:-1], strides, reach)]
+    pads, outputs = [[0, 0]], []
+    for n, k, s, r in zip(x.shape[1:-1], sizes, strides, rates):
+        out, before = halo.output_size(n, k, s, r, padding.lower())  # TensorFlow's sizes and padding
+        pads.append([before, max((out - 1) * s + (k - 1) * r + 1 - n - before, 0)])
+        outputs.append(out)
+    x = tf.pad(x, pads + [[0, 0]]) if any(p != [0, 0] for p in pads) else x
     windows = []
     for tap in itertools.product(*[range(k) for k in sizes]):
         window = x

@@ -108,6 +108,10 @@ def test_grouped_convolution_is_keras_own(rank, channels, filters, groups):
     want = forward_and_gradients()
     with ops_dtensor_runs():
         got = forward_and_gradients()
+        graph = tf.function(layer.call).get_concrete_function(tf.TensorSpec(x.shape, x.dtype)).graph.as_graph_def()
+    nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+    assert not any(node.attr["_XlaMustCompile"].b for node in nodes if "_XlaMustCompile" in node.attr), \
+        "the grouped convolution must not run as Keras' XLA-compiled function"
     for a, b in zip(got, want):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
 
@@ -124,6 +128,15 @@ def test_the_rewrites_are_what_runs():
                                 keras.ops.slice_update(t, (0, 1, 1), tf.zeros((4, 2, 2), tf.float64))), x)
     assert {"ExpandDims", "Squeeze", "GatherV2", "SelectV2"} <= ops, ops
     assert not ops & {"Roll", "XlaDynamicUpdateSlice", "MatrixBandPart", "ReverseV2"}, ops
+
+    def top_k_gradient(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            values = keras.ops.top_k(t, 2)[0]
+        return tape.gradient(values, t)
+
+    ops = traced_ops(top_k_gradient, x)
+    assert "OneHot" in ops and "ScatterNd" not in ops, ops
 
 
 DILATED = [

@@ -217,17 +217,21 @@ def test_grouped_convolutions_inside_a_block_train_as_on_one_device(strategy):
 
 class _ShiftedBlock(L.Layer):
     """A block that runs its own call, shifting its map and masking as Swin Transformer's does:
-    keras.ops.roll (Roll), a mask built with keras.ops.slice_update (XlaDynamicUpdateSlice) and
-    indexing that adds axes (a strided slice with new axes, whose DTensor layout crashed the process)."""
+    keras.ops.roll (Roll), a mask built with keras.ops.slice_update (XlaDynamicUpdateSlice), indexing
+    that adds axes (a strided slice with new axes, whose DTensor layout crashed the process), and
+    flip and triu. It holds a layer, so "data" runs it split by samples (a roll of the flattened
+    tensor as a concat failed there)."""
 
     def build(self, shape):
-        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+        self.mix = L.Dense(shape[-1], name="mix")
+        self.mix.build(shape)
 
     def call(self, x):
-        shifted = keras.ops.roll(x, shift=(-3, 2), axis=(1, 2)) * self.w
+        shifted = keras.ops.roll(self.mix(x), shift=(-3, 2), axis=(1, 2))
         mask = keras.ops.zeros((1,) + tuple(x.shape[1:3]) + (1,), x.dtype)
         mask = keras.ops.slice_update(mask, [0, 5, 2, 0], keras.ops.ones((1, 3, 4, 1), x.dtype))
         shifted = (shifted[:, None] * (1.0 + mask)[None, ...])[:, 0]  # new axes, as Swin's mask[None, :, None]
+        shifted = keras.ops.flip(shifted, axis=2) + keras.ops.triu(x[..., 0], 1)[..., None]
         return keras.ops.roll(shifted, shift=3, axis=1) + keras.ops.roll(x, shift=5)
 
 
@@ -243,13 +247,16 @@ def _shifted_block_cnn():
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
 @pytest.mark.parametrize("strategy", ["data", "random"])
 def test_roll_and_slice_update_inside_a_block_train_as_on_one_device(strategy):
-    """DTensor has no layout rule for Roll, and XlaDynamicUpdateSlice and a new-axis strided slice
-    crashed the process: wrapped calls compute them from slices, pads, a select and expand_dims
-    (op_rewrites.ops_dtensor_runs)."""
+    """DTensor has no layout rule for Roll, ReverseV2 or MatrixBandPart, and XlaDynamicUpdateSlice and a
+    new-axis strided slice crashed the process: wrapped calls compute them from gathers, slices, pads,
+    selects and expand_dims (op_rewrites.ops_dtensor_runs)."""
     loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
     if strategy == "random":
         strategy = keras_lwp.planner.random_strategy(_shifted_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 5)
-    _assert_same(_fit(_shifted_block_cnn, _images, loss), _fit(_shifted_block_cnn, _images, loss, strategy))
+    run = _fit(_shifted_block_cnn, _images, loss, strategy)
+    if strategy == "data":
+        assert "sample" in dict(keras_lwp.strategy_of(run[2])["block"]), "the block must run split by samples"
+    _assert_same(_fit(_shifted_block_cnn, _images, loss), run)
 
 
 def _dilated_cnn():
@@ -315,6 +322,31 @@ def test_a_top_k_router_trains_as_on_one_device(strategy):
     if strategy == "random":
         strategy = keras_lwp.planner.random_strategy(_routed(), keras_lwp.make_mesh(MESH), BATCH, 2)
     _assert_same(_fit(_routed, _token_data, loss), _fit(_routed, _token_data, loss, strategy))
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+def test_average_pooling_3d_trains_as_on_one_device():
+    """AveragePooling3D has no rule and its gradient (AvgPool3DGrad) no DTensor rule: it runs replicated
+    (runtime's DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.AVGPOOL3DGRAD); without that the step fails.
+    Float32: TensorFlow has no float64 kernel for it."""
+    def make():
+        keras.utils.set_random_seed(4)
+        inputs = keras.Input((4, 4, 4, 2), name="volume")
+        x = L.AveragePooling3D(2, name="pool")(L.Dense(3, name="mix")(inputs))
+        return keras.Model(inputs, L.Dense(3, name="head")(L.Flatten(name="flat")(x)))
+
+    rng = np.random.default_rng(9)
+    x, y = rng.standard_normal((BATCH * 2, 4, 4, 4, 2)).astype("float32"), rng.integers(0, 3, BATCH * 2)
+
+    def fit(model):
+        model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        losses = model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0).history["loss"]
+        return np.array(losses), [np.asarray(to_host(v.value)) for v in model.weights], model
+
+    reference = fit(make())
+    model = make()
+    keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy="data", batch_size=BATCH)
+    _assert_same(reference, fit(model), rtol=1e-5)
 
 
 # -- overrides hold under every strategy ---------------------------------------------------------------

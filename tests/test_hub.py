@@ -188,3 +188,16 @@ def test_other_backbones_train_like_one_device_under_a_random_plan(name):
     scale = max(float(np.max(np.abs(w))) for w in want)
     for reference, weight in zip(want, got):
         np.testing.assert_allclose(weight, reference, rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_a_recurrence_over_tensor_lists_is_refused_before_any_change():
+    """RWKV-7's blocks run their recurrence as a loop writing a TensorArray (TensorList ops), which
+    DTensor cannot run: parallelize names the block and the op, and leaves the model as it was."""
+    backbone = keras_hub.models.RWKV7Backbone(hidden_size=32, head_size=16, num_layers=1, vocabulary_size=VOCABULARY,
+                                              intermediate_dim=64, gate_lora=8, mv_lora=8, aaa_lora=8, decay_lora=8)
+    model = keras.Model(backbone.input, keras.layers.Dense(VOCABULARY, name="lm_head")(backbone.output))
+    calls = [type(layer.call) for layer in model.layers]
+    with pytest.raises(ValueError, match=r"Layer 'rwkv_layer_0' \(RWKV7_Block\).*TensorList"):
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=BATCH, input_shapes={"token_ids": (LENGTH,),
+                                                                                            "padding_mask": (LENGTH,)})
+    assert not hasattr(model, "_keras_lwp") and calls == [type(layer.call) for layer in model.layers]

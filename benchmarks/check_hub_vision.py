@@ -18,7 +18,8 @@ from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["deit", "dinov2", "resnet", "vgg", "densenet", "mit", "vitdet", "xception", "swin",
-                             "hgnetv2", "deeplab_v3"], "keras_hub vision backbones (see BACKBONES).")
+                             "hgnetv2", "deeplab_v3", "cspnet", "efficientnet", "mobilenet_v5", "dinov3"],
+                  "keras_hub vision backbones (see BACKBONES).")
 flags.DEFINE_string("strategy", "random0", "'auto', 'data', 'owt', 'model' or 'random<seed>' (a random valid plan).")
 
 SIDE, BATCH = 32, 8
@@ -46,6 +47,29 @@ BACKBONES = {  # name: (class, keyword arguments)
                                         stem_channels=[3, 8, 16], hidden_act="relu", use_learnable_affine_block=True,
                                         stackwise_stage_filters=[[16, 8, 16, 1, 2, 3], [16, 8, 32, 1, 2, 3]],
                                         apply_downsample=[False, True], use_lightweight_conv_block=[False, True])),
+    "cspnet": ("CSPNetBackbone", dict(stem_filters=8, stem_kernel_size=3, stem_strides=1, stackwise_strides=2,
+                                      stackwise_depth=[1, 2], stackwise_num_filters=[8, 16], down_growth=True,
+                                      bottle_ratio=(0.5, 1.0), block_ratio=(1.0, 0.5), expand_ratio=(2.0, 1.0),
+                                      block_type="dark_block", stage_type="csp", stem_padding="same")),
+    "efficientnet": ("EfficientNetBackbone", dict(  # fused and unfused MBConv blocks, squeeze-and-excite
+        stackwise_kernel_sizes=[3, 3, 3], stackwise_num_repeats=[1, 2, 1], stackwise_input_filters=[8, 8, 16],
+        stackwise_output_filters=[8, 16, 24], stackwise_expansion_ratios=[1, 4, 4],
+        stackwise_squeeze_and_excite_ratios=[0.0, 0.25, 0.25], stackwise_strides=[1, 2, 2],
+        stackwise_block_types=["fused", "unfused", "unfused"], stackwise_force_input_filters=[0] * 3,
+        stackwise_nores_option=[False] * 3, stackwise_width_coefficients=[1.0] * 3,
+        stackwise_depth_coefficients=[1.0] * 3, num_features=32, dropout=0.0)),
+    "mobilenet_v5": ("MobileNetV5Backbone", dict(  # edge residual, universal inverted residual, multi-query attention
+        stackwise_block_types=[["er"], ["uir", "mqa"]], stackwise_num_blocks=[1, 2],
+        stackwise_num_filters=[[16], [32, 32]], stackwise_strides=[[2], [2, 1]],
+        stackwise_act_layers=[["relu"], ["relu", "relu"]], stackwise_exp_ratios=[[4.0], [4.0, 0.0]],
+        stackwise_se_ratios=[[0.0], [0.0, 0.0]], stackwise_dw_kernel_sizes=[[0], [5, 0]],
+        stackwise_dw_start_kernel_sizes=[[0], [3, 0]], stackwise_dw_end_kernel_sizes=[[0], [3, 0]],
+        stackwise_exp_kernel_sizes=[[3], [0, 0]], stackwise_pw_kernel_sizes=[[1], [0, 0]],
+        stackwise_num_heads=[[0], [0, 2]], stackwise_key_dims=[[0], [0, 8]], stackwise_value_dims=[[0], [0, 8]],
+        stackwise_kv_strides=[[0], [0, 2]], stackwise_use_cpe=[[False], [False, False]], stem_size=8,
+        num_features=32, use_msfa=False)),
+    "dinov3": ("DINOV3Backbone", dict(patch_size=4, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64,
+                                      num_register_tokens=2, use_gated_mlp=True)),
 }
 
 
@@ -58,7 +82,8 @@ def build(name):
     if cls == "DeepLabV3Backbone":  # atrous (dilated) convolutions over a ResNet encoder's pyramid
         encoder = keras_hub.models.ResNetBackbone(image_shape=(SIDE, SIDE, 3), **BACKBONES["resnet"][1])
         kwargs = dict(kwargs, image_encoder=encoder)
-    backbone = getattr(keras_hub.models, cls)(image_shape=(SIDE, SIDE, 3), **kwargs)
+    image = "input_shape" if cls == "EfficientNetBackbone" else "image_shape"  # its own keyword for it
+    backbone = getattr(keras_hub.models, cls)(**{image: (SIDE, SIDE, 3)}, **kwargs)
     features = backbone.output
     if isinstance(features, dict):  # a feature pyramid: its last level
         features = list(features.values())[-1]

@@ -92,6 +92,13 @@ OPS = {
     "median": "ops.reshape(ops.median(x, axis=1), (-1, 4))",  # TensorFlow's loses the static shape
     "quantile": "ops.reshape(ops.quantile(x, 0.3, axis=1), (-1, 4))",
     "fori_loop": "ops.fori_loop(0, 3, lambda i, v: v * 0.5 + 1.0, x)",
+    "fori_loop_index": "ops.fori_loop(0, 3, lambda i, v: v * 0.5 + x[:, i, None], x)",
+    "scan": "ops.transpose(ops.scan(lambda c, t: (c * 0.5 + t, c * t), ops.zeros_like(x[:, 0]), "
+            "ops.transpose(x, (1, 0, 2)))[1], (1, 0, 2))",
+    "scan_reverse": "ops.transpose(ops.scan(lambda c, t: (c + t, ops.tanh(c)), x[:, 0], ops.transpose(x, (1, 0, 2)), "
+                    "reverse=True)[1], (1, 0, 2))",
+    "map": "ops.transpose(ops.map(lambda t: t * ops.sigmoid(t), ops.transpose(x, (1, 0, 2))), (1, 0, 2))",
+    "map_batch": "ops.map(lambda t: t * ops.sum(t), x)",
 }
 
 

@@ -143,6 +143,13 @@ def _step_function(model, step):
             return compiled(*args)
         except tf.errors.UnknownError as error:
             refused = re.search(r"'tf\.(\w+)' op does not implement layout propagation", str(error))
+            if refused is None and _LAYOUT_CONFLICT.search(str(error)):
+                raise NotImplementedError(
+                    f"TensorFlow DTensor could not lay out model '{model.name}''s step: {_first_line(error)}. "
+                    f"The known cause is a layer made of layers, split by samples, whose own call rearranges "
+                    f"the batch axis (keras.ops.roll, map or scan along it). Layers made of layers this plan "
+                    f"splits by samples: {_sample_split_composites(model)}. Pin the one that does so whole "
+                    f"(parallelize(..., overrides={{'<its name>': {{}}}})).") from error
             if refused is None:
                 raise
             raise NotImplementedError(
@@ -153,6 +160,28 @@ def _step_function(model, step):
                 f"changes anything: keras_lwp.runtime.UNRUNNABLE_OPS lacks this one.)") from error
 
     return run
+
+
+# What DTensor raises when its layout propagation contradicts a relayout or an op's expansion.
+_LAYOUT_CONFLICT = re.compile(r"output layout of Relayout op after layout propagation does not match|"
+                              r"SPMD expansion resulted in op output inconsistent with the provided layout")
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0][:300]
+
+
+def _sample_split_composites(model):
+    from keras_lwp.layers import is_composite
+    from keras_lwp.runtime import strategy_of
+
+    plan, state = strategy_of(model), getattr(model, "_keras_lwp", None)
+    graph = getattr(state, "graph", None)
+    if plan is None or graph is None:
+        return "unknown"
+    names = [name for name in plan if name in graph and "sample" in dict(plan[name])
+             and is_composite(graph.nodes[name]["info"])]
+    return ", ".join(repr(name) for name in names) or "none"
 
 
 def _make_train_function(model, force=False):

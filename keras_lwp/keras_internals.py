@@ -74,6 +74,12 @@ INTERNALS = (
      "keras.ops.top_k calls it by attribute: its gradient through a one-hot product, not a scatter"),
     ("keras.src.backend.tensorflow.core", "slice_update", "attribute", "op_rewrites.py",
      "keras.ops.slice_update calls it by attribute: a select instead of XlaDynamicUpdateSlice"),
+    ("keras.src.backend.tensorflow.core", "fori_loop", "attribute", "op_rewrites.py",
+     "keras.ops.fori_loop calls it by attribute: unrolled instead of a while loop over TensorLists"),
+    ("keras.src.backend.tensorflow.core", "scan", "attribute", "op_rewrites.py",
+     "keras.ops.scan calls it by attribute: unrolled instead of a while loop over TensorArrays"),
+    ("keras.src.backend.tensorflow.core", "map", "attribute", "op_rewrites.py",
+     "keras.ops.map calls it by attribute: unrolled instead of tf.map_fn's TensorArrays"),
 )
 
 
@@ -107,7 +113,9 @@ def check():
                          (ops.nn.separable_conv, "backend.nn.separable_conv("), (ops.numpy.roll, "backend.numpy.roll("),
                          (ops.numpy.tril, "backend.numpy.tril("), (ops.numpy.triu, "backend.numpy.triu("),
                          (ops.numpy.flip, "backend.numpy.flip("), (ops.math.top_k, "backend.math.top_k("),
-                         (ops.core.slice_update, "backend.core.slice_update(")):
+                         (ops.core.slice_update, "backend.core.slice_update("),
+                         (ops.core.fori_loop, "backend.core.fori_loop("), (ops.core.scan, "backend.core.scan("),
+                         (ops.core.map, "backend.core.map(")):
             if call not in inspect.getsource(op):
                 missing.append((op.__module__, op.__name__, "op_rewrites.py", "ops DTensor runs, while a wrapped "
                                 "call is traced", f"it no longer calls {call[:-1]} by attribute"))

@@ -37,6 +37,10 @@ def ops_dtensor_runs():
       1e-2 away from one device). Here each value's gradient returns through a one-hot product.
     - keras.ops.slice_update at a start known when traced (XlaDynamicUpdateSlice, which crashed the
       process): the update padded to the input's shape, selected where it lands.
+    - keras.ops.fori_loop, scan and map over a number of steps known when traced (at most
+      MAX_UNROLLED_STEPS): TensorFlow runs them as a while loop whose gradient, and scan's and map's
+      TensorArrays, are TensorLists, which DTensor cannot run. They run unrolled: the same body on
+      the same values, step after step, the steps' outputs stacked.
     - indexing with ints and new axes (`x[0]`, `x[:, None]`, `mask[None, ...]`): DTensor's layout
       propagation for such a strided slice of a split tensor crashed the process (new axes: a
       segmentation fault in slice_util::ForwardLayoutInference::VisitImplicitAxis) or put the split
@@ -52,6 +56,7 @@ def ops_dtensor_runs():
     conv, depthwise_conv, separable_conv = nn.conv, nn.depthwise_conv, nn.separable_conv
     roll, flip, slice_update, tril, triu = numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu
     top_k = math.top_k
+    fori_loop, scan, map_over = core.fori_loop, core.scan, core.map
 
     def channels_last(data_format):
         return (data_format or keras.config.image_data_format()) == "channels_last"
@@ -163,10 +168,54 @@ def ops_dtensor_runs():
         padded = tf.pad(updates, [[s, n - s - u] for s, n, u in zip(starts, shape, sizes)])
         return tf.where(where, padded, inputs)
 
+    def unrolled_fori_loop(lower, upper, body_fun, init_val):
+        bounds = _static_ints((lower, upper))
+        if bounds is None or not 0 <= bounds[1] - bounds[0] <= MAX_UNROLLED_STEPS:
+            return fori_loop(lower, upper, body_fun, init_val)
+        dtype = lower.dtype if tf.is_tensor(lower) else tf.int32  # the index tf.while_loop would pass
+        value = init_val
+        for i in range(int(bounds[0]), int(bounds[1])):
+            value = body_fun(tf.constant(i, dtype), value)
+        return value
+
+    def unrolled_scan(f, init, xs=None, length=None, reverse=False, unroll=1):
+        flat_xs = [tf.convert_to_tensor(x) for x in keras.tree.flatten(xs)] if xs is not None else []
+        steps = length if length is not None else (flat_xs[0].shape[0] if flat_xs else None)
+        if steps is None or not 0 < int(steps) <= MAX_UNROLLED_STEPS:
+            return scan(f, init, xs, length, reverse, unroll)
+        # as Keras' scan: each step's output packed like (and shaped like) the carry
+        flat_init = [tf.convert_to_tensor(c) for c in keras.tree.flatten(init)]
+        pack = lambda flat: keras.tree.pack_sequence_as(init, flat) if keras.tree.is_nested(init) else flat[0]  # noqa: E731
+        carry, outputs = pack(flat_init), {}
+        for i in (reversed(range(int(steps))) if reverse else range(int(steps))):
+            step_xs = None
+            if flat_xs:
+                step = [x[i] for x in flat_xs]
+                step_xs = keras.tree.pack_sequence_as(xs, step) if keras.tree.is_nested(xs) else step[0]
+            new_carry, ys = f(carry, step_xs)
+            if ys is not None:
+                outputs[i] = keras.tree.flatten(ys)
+            if new_carry is not None:
+                carry = pack(keras.tree.flatten(new_carry))
+        stacked = [tf.stack([outputs[i][j] if i in outputs else tf.zeros_like(c) for i in range(int(steps))])
+                   for j, c in enumerate(flat_init)]
+        return carry, pack(stacked)
+
+    def unrolled_map(f, xs):
+        flat_xs = [tf.convert_to_tensor(x) for x in keras.tree.flatten(xs)]
+        steps = flat_xs[0].shape[0] if flat_xs and flat_xs[0].shape.rank else None
+        if steps is None or not 0 < steps <= MAX_UNROLLED_STEPS:
+            return map_over(f, xs)
+        nested = keras.tree.is_nested(xs)
+        outputs = [f(keras.tree.pack_sequence_as(xs, [x[i] for x in flat_xs]) if nested else flat_xs[0][i])
+                   for i in range(steps)]
+        return keras.tree.map_structure(lambda *each: tf.stack(each), *outputs)
+
     getitem = tf.Tensor.__getitem__
 
     def getitem_as_slices(tensor, spec):
         items = spec if isinstance(spec, tuple) else (spec,)
+        items = tuple(_static_int_or_item(item) for item in items)  # an unrolled loop's index: an int
         is_int = lambda item: isinstance(item, (int, np.integer)) and not isinstance(item, bool)  # noqa: E731
         plain = all(item is None or item is Ellipsis or isinstance(item, slice) or is_int(item) for item in items)
         if not plain or not any(item is None or is_int(item) for item in items) or tensor.shape.rank is None:
@@ -200,6 +249,7 @@ def ops_dtensor_runs():
     numpy.roll, numpy.flip, core.slice_update = gathered_roll, sliced_flip, selected_slice_update
     numpy.tril, numpy.triu = banded("lower"), banded("upper")
     math.top_k = top_k_by_one_hot
+    core.fori_loop, core.scan, core.map = unrolled_fori_loop, unrolled_scan, unrolled_map
     tf.Tensor.__getitem__ = getitem_as_slices
     try:
         yield
@@ -207,7 +257,24 @@ def ops_dtensor_runs():
         nn.conv, nn.depthwise_conv, nn.separable_conv = conv, depthwise_conv, separable_conv
         numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu = roll, flip, slice_update, tril, triu
         math.top_k = top_k
+        core.fori_loop, core.scan, core.map = fori_loop, scan, map_over
         tf.Tensor.__getitem__ = getitem
+
+
+# Loops of more steps keep their while loop (and are refused by parallelize, which sees its TensorLists):
+# an unrolled loop's trace and graph grow with its steps.
+MAX_UNROLLED_STEPS = 256
+
+
+def _static_int_or_item(item):
+    """A scalar int tensor whose value is known when traced (an unrolled loop's index) as that int;
+    any other index item as it is."""
+    import tensorflow as tf
+
+    if tf.is_tensor(item) and item.dtype.is_integer and item.shape.rank == 0:
+        value = tf.get_static_value(item)
+        return item if value is None else int(value)
+    return item
 
 
 def _per_dim(value, rank):
@@ -256,10 +323,11 @@ def _depthwise_by_taps(x, kernel, strides, padding, rates):
 
 
 def _static_ints(value):
-    """`value` (an int, a sequence of ints or a tensor) as a 1-D array of ints known when traced, or None."""
+    """`value` (an int, a tensor, or a sequence of them) as a 1-D array of ints known when traced, or None."""
     import tensorflow as tf
 
-    items = [value] if tf.is_tensor(value) else np.atleast_1d(np.asarray(value, dtype=object)).tolist()
+    # a sequence item by item: NumPy cannot take a symbolic tensor, and one may be among ints
+    items = list(value) if isinstance(value, (list, tuple, range)) else [value]
     known = [tf.get_static_value(item) if tf.is_tensor(item) else item for item in items]
     if any(item is None for item in known):
         return None

@@ -208,9 +208,14 @@ def _refuse_layers_dtensor_cannot_run(graph):
                 f"a mesh. It is a preprocessing layer: apply it to the data instead (a tf.data pipeline's "
                 f"`dataset.map(lambda x, y: (layer(x, training=True), y))`), and parallelize the model without it.")
         if unrunnable:
+            loop = ""
+            if unrunnable[0].startswith(("TensorList", "TensorArray")):
+                loop = (f" TensorFlow runs a loop so (a while loop, tf.TensorArray, or a keras.ops fori_loop, scan or map "
+                        f"over more than {op_rewrites.MAX_UNROLLED_STEPS} steps or over a number of steps not known "
+                        f"when traced; keras_lwp runs the shorter ones unrolled).")
             raise ValueError(
                 f"Layer '{name}' ({info.class_name}) runs its own code (no keras_lwp rule of its own) and computes with {unrunnable[0]}, an op "
-                "TensorFlow DTensor cannot run on a mesh (it fails, crashes the process, or computes wrong values). Register a rule whose "
+                f"TensorFlow DTensor cannot run on a mesh (it fails, crashes the process, or computes wrong values).{loop} Register a rule whose "
                 "implementation avoids that op (keras_lwp.layers.register_rule; docs/how-it-works.md, 'Adding a layer "
                 "rule'), or build the model without this layer.")
 

@@ -140,3 +140,55 @@ def test_an_augmentation_layer_dtensor_cannot_run_is_refused_with_the_data_pipel
     assert getattr(model, "_keras_lwp", None) is None
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(np.zeros((8, 8, 8, 3), "float32"), np.zeros(8), batch_size=8, verbose=0)
+
+
+def test_a_loop_too_long_to_unroll_is_refused_naming_the_limit():
+    """keras.ops loops of up to MAX_UNROLLED_STEPS steps run unrolled on the mesh; a longer one keeps
+    TensorFlow's while loop over TensorLists, which DTensor cannot run: refused before any change,
+    saying so."""
+    steps = keras_lwp.op_rewrites.MAX_UNROLLED_STEPS + 1
+    inputs = keras.Input((4,), name="features")
+    x = L.Lambda(lambda t: keras.ops.fori_loop(0, steps, lambda i, v: v * 0.5 + t, t), name="loop")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="head")(x))
+    with pytest.raises(ValueError, match=rf"'loop' \(Lambda\).*TensorList.*more than {steps - 1} steps"):
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=8)
+    assert getattr(model, "_keras_lwp", None) is None
+
+
+class _PerSampleBlock(L.Layer):
+    """A layer made of layers whose call maps over its batch axis (keras.ops.map, unrolled on the mesh):
+    split by samples, DTensor cannot assemble the mapped samples into a batch-split tensor."""
+
+    def build(self, shape):
+        self.inner = L.Dense(shape[-1], name="inner")
+        self.inner.build(shape)
+
+    def call(self, x):
+        return keras.ops.map(lambda sample: sample * keras.ops.sum(sample), self.inner(x))
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+def test_a_block_mapping_over_its_batch_fails_its_first_step_naming_it_and_runs_when_pinned_whole():
+    def make():
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((6, 4), name="sequence")
+        x = _PerSampleBlock(name="per_sample")(L.Dense(4, name="pre")(inputs))
+        return keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(x)))
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 6, 4)).astype("float32"), rng.integers(0, 3, 16)
+
+    def fit(model):
+        model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+        return [np.asarray(to_host(v.value)) for v in model.weights]
+
+    split = make()
+    keras_lwp.parallelize(split, keras_lwp.make_mesh(MESH), strategy="data", batch_size=8)
+    with pytest.raises(NotImplementedError, match=r"by samples: 'per_sample'.*overrides=\{'<its name>': \{\}\}"):
+        fit(split)
+    pinned = make()
+    keras_lwp.parallelize(pinned, keras_lwp.make_mesh(MESH), strategy="data", batch_size=8,
+                          overrides={"per_sample": {}})
+    for got, want in zip(fit(pinned), fit(make())):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

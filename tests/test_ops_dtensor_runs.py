@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_lwp import op_rewrites
 from keras_lwp.op_rewrites import ops_dtensor_runs
 
 SPECS = [
@@ -80,6 +81,16 @@ def test_slice_update_is_keras_own(start):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want))
 
 
+def test_a_start_known_only_when_run_goes_to_keras_own_slice_update():
+    """A start mixing ints and a tensor whose value the trace does not know: the original op, no error."""
+    inputs, updates = tf.constant(np.arange(20.0).reshape(4, 5)), tf.constant(-np.ones((2, 2)))
+    function = lambda row: keras.ops.slice_update(inputs, (row, 1), updates)  # noqa: E731
+    want = tf.function(function)(tf.constant(1))
+    with ops_dtensor_runs():
+        got = tf.function(function)(tf.constant(1))
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 @pytest.mark.parametrize("k", [0, 1, -2])
 @pytest.mark.parametrize("op", ["tril", "triu"])
 def test_tril_and_triu_are_numpys(op, k):
@@ -137,6 +148,55 @@ def test_the_rewrites_are_what_runs():
 
     ops = traced_ops(top_k_gradient, x)
     assert "OneHot" in ops and "ScatterNd" not in ops, ops
+
+
+def _value_and_gradient(function, array):
+    x = tf.constant(array)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = function(x)
+        loss = sum(tf.reduce_sum(t * t) for t in tf.nest.flatten(y))
+    return [t.numpy() for t in tf.nest.flatten(y)], tape.gradient(loss, x).numpy()
+
+
+LOOPS = {  # name: a function of a [4, 3, 5] float64 tensor running a keras.ops loop
+    "fori_loop": lambda x: keras.ops.fori_loop(0, 3, lambda i, v: v * 0.5 + x[:, i], x[:, 0] * 0.0),
+    "fori_loop_tensor_bounds": lambda x: keras.ops.fori_loop(tf.constant(1), tf.constant(4),
+                                                             lambda i, v: v * v * 0.1 + tf.cast(i, x.dtype), x),
+    "scan": lambda x: keras.ops.scan(lambda c, t: (c * 0.9 + t, c * t), x[0] * 0.0, x),
+    "scan_reverse_nested": lambda x: keras.ops.scan(
+        lambda c, t: ((c[0] + t["a"], c[1] * 0.5 + t["b"]), (c[0] * t["a"], c[1])), (x[0, 0], x[0, 1]),
+        {"a": x[:, 0], "b": x[:, 1]}, reverse=True),
+    "scan_length_only": lambda x: keras.ops.scan(lambda c, _: (c * 0.5 + 1.0, c), x[0], length=3),
+    "map": lambda x: keras.ops.map(lambda t: tf.reduce_sum(t * t, axis=0), x),
+    "map_nested": lambda x: keras.ops.map(lambda t: (t["a"] * t["b"], t["a"]), {"a": x, "b": x * 2.0}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_unrolled_loops_are_keras_own(name):
+    """fori_loop, scan and map run unrolled: the same values and gradients as Keras' while loops, and
+    no while loop or TensorList left."""
+    array = np.random.default_rng(5).standard_normal((4, 3, 5))
+    want = _value_and_gradient(LOOPS[name], array)
+    with ops_dtensor_runs():
+        got = _value_and_gradient(LOOPS[name], array)
+        graph = tf.function(LOOPS[name]).get_concrete_function(tf.TensorSpec(array.shape, tf.float64)).graph
+    for a, b in zip(got[0] + [got[1]], want[0] + [want[1]]):
+        np.testing.assert_array_equal(a, b)
+    ops = {op.type for op in graph.get_operations()}
+    assert not {t for t in ops if t.startswith(("While", "TensorList", "TensorArray"))}, ops
+
+
+def test_a_loop_too_long_to_unroll_keeps_its_while_loop():
+    def traced_ops():
+        with ops_dtensor_runs():
+            graph = tf.function(lambda t: keras.ops.fori_loop(0, op_rewrites.MAX_UNROLLED_STEPS + 1,
+                                                              lambda i, v: v * 0.5, t)).get_concrete_function(
+                tf.TensorSpec((2,), tf.float64)).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert {"While", "StatelessWhile"} & traced_ops()
 
 
 DILATED = [

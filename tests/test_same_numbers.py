@@ -259,6 +259,51 @@ def test_roll_and_slice_update_inside_a_block_train_as_on_one_device(strategy):
     _assert_same(_fit(_shifted_block_cnn, _images, loss), run)
 
 
+class _LoopBlock(L.Layer):
+    """A block that runs its own call with keras.ops loops over the sequence, as a state-space or
+    recurrent user layer does: fori_loop, scan (forward and reverse) and map. TensorFlow runs them as
+    while loops whose TensorLists DTensor cannot run (parallelize refused such a layer); unrolled here.
+    It holds a layer, so "data" runs it split by samples."""
+
+    def build(self, shape):
+        self.mix = L.Dense(shape[-1], name="mix")
+        self.mix.build(shape)
+
+    def call(self, x):
+        h = self.mix(x)  # [batch, time, features]
+        decay = keras.ops.fori_loop(0, 3, lambda i, v: v * 0.5 + h[:, i], keras.ops.zeros_like(h[:, 0]))
+        steps = keras.ops.transpose(h, (1, 0, 2))  # scan and map run over the leading (time) axis
+        _, forward = keras.ops.scan(lambda c, t: (c * 0.8 + t, keras.ops.tanh(c + t)), steps[0] * 0.0, steps)
+        _, backward = keras.ops.scan(lambda c, t: (c * 0.7 + t, c), steps[0] * 0.0, steps, reverse=True)
+        mapped = keras.ops.map(lambda t: t * keras.ops.sigmoid(t), steps)
+        return keras.ops.transpose(forward + backward + mapped, (1, 0, 2)) + decay[:, None, :]
+
+
+def _loop_block_model():
+    inputs = keras.Input((6, 5), name="sequence")
+    x = L.Dense(8, name="embed")(inputs)
+    x = _LoopBlock(name="block")(x)
+    x = L.Flatten(name="flat")(x)
+    return keras.Model(inputs, L.Dense(5, name="head")(x))
+
+
+def _sequences():
+    rng = np.random.default_rng(4)
+    return rng.standard_normal((BATCH * STEPS, 6, 5)), rng.integers(0, 5, BATCH * STEPS)
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+@pytest.mark.parametrize("strategy", ["data", "random"])
+def test_fori_loop_scan_and_map_inside_a_block_train_as_on_one_device(strategy):
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    if strategy == "random":
+        strategy = keras_lwp.planner.random_strategy(_loop_block_model(), keras_lwp.make_mesh(MESH), BATCH, 3)
+    run = _fit(_loop_block_model, _sequences, loss, strategy)
+    if strategy == "data":
+        assert "sample" in dict(keras_lwp.strategy_of(run[2])["block"]), "the block must run split by samples"
+    _assert_same(_fit(_loop_block_model, _sequences, loss), run)
+
+
 def _dilated_cnn():
     """Dilated convolutions of every kind (TensorFlow computes them through SpaceToBatchND), a
     TimeDistributed layer (its `inputs[i]`), and keras.ops.tril and triu, of a constant and of the

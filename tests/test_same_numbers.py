@@ -203,16 +203,25 @@ def _grouped_block_cnn():
     return keras.Model(inputs, L.Dense(5, name="head")(x))
 
 
+def _classifies_as_on_one_device(make_model, make_data, strategy, seed, split_block=None):
+    """A classifier from `make_model` trains as on one device under `strategy` ("random": a random valid
+    plan drawn with `seed`); under "data", `split_block` (if given) must run split by samples."""
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    if strategy == "random":
+        strategy = keras_lwp.planner.random_strategy(make_model(), keras_lwp.make_mesh(MESH), BATCH, seed)
+    run = _fit(make_model, make_data, loss, strategy)
+    if split_block is not None and strategy == "data":
+        assert "sample" in dict(keras_lwp.strategy_of(run[2])[split_block]), "the block must run split by samples"
+    _assert_same(_fit(make_model, make_data, loss), run)
+
+
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
 @pytest.mark.parametrize("strategy", ["data", "random"])
 def test_grouped_convolutions_inside_a_block_train_as_on_one_device(strategy):
     """Keras computes a grouped convolution on CPU in an XLA-compiled function, which DTensor runs
     without XLA, to gradients 2e-3 away and no error: wrapped calls run it as per-group and depthwise
     convolutions instead (op_rewrites.ops_dtensor_runs)."""
-    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
-    if strategy == "random":
-        strategy = keras_lwp.planner.random_strategy(_grouped_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 3)
-    _assert_same(_fit(_grouped_block_cnn, _images, loss), _fit(_grouped_block_cnn, _images, loss, strategy))
+    _classifies_as_on_one_device(_grouped_block_cnn, _images, strategy, seed=3)
 
 
 class _ShiftedBlock(L.Layer):
@@ -250,13 +259,7 @@ def test_roll_and_slice_update_inside_a_block_train_as_on_one_device(strategy):
     """DTensor has no layout rule for Roll, ReverseV2 or MatrixBandPart, and XlaDynamicUpdateSlice and a
     new-axis strided slice crashed the process: wrapped calls compute them from gathers, slices, pads,
     selects and expand_dims (op_rewrites.ops_dtensor_runs)."""
-    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
-    if strategy == "random":
-        strategy = keras_lwp.planner.random_strategy(_shifted_block_cnn(), keras_lwp.make_mesh(MESH), BATCH, 5)
-    run = _fit(_shifted_block_cnn, _images, loss, strategy)
-    if strategy == "data":
-        assert "sample" in dict(keras_lwp.strategy_of(run[2])["block"]), "the block must run split by samples"
-    _assert_same(_fit(_shifted_block_cnn, _images, loss), run)
+    _classifies_as_on_one_device(_shifted_block_cnn, _images, strategy, seed=5, split_block="block")
 
 
 class _LoopBlock(L.Layer):
@@ -295,13 +298,7 @@ def _sequences():
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
 @pytest.mark.parametrize("strategy", ["data", "random"])
 def test_fori_loop_scan_and_map_inside_a_block_train_as_on_one_device(strategy):
-    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
-    if strategy == "random":
-        strategy = keras_lwp.planner.random_strategy(_loop_block_model(), keras_lwp.make_mesh(MESH), BATCH, 3)
-    run = _fit(_loop_block_model, _sequences, loss, strategy)
-    if strategy == "data":
-        assert "sample" in dict(keras_lwp.strategy_of(run[2])["block"]), "the block must run split by samples"
-    _assert_same(_fit(_loop_block_model, _sequences, loss), run)
+    _classifies_as_on_one_device(_loop_block_model, _sequences, strategy, seed=3, split_block="block")
 
 
 def _dilated_cnn():
@@ -326,10 +323,7 @@ def _dilated_cnn():
 def test_dilated_convolutions_time_distributed_and_tril_train_as_on_one_device(strategy):
     """Each failed a parallelized step before (no DTensor rule for SpaceToBatchND or MatrixBandPart;
     TimeDistributed's int indexing put the split on the wrong dimension)."""
-    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
-    if strategy == "random":
-        strategy = keras_lwp.planner.random_strategy(_dilated_cnn(), keras_lwp.make_mesh(MESH), BATCH, 8)
-    _assert_same(_fit(_dilated_cnn, _images, loss), _fit(_dilated_cnn, _images, loss, strategy))
+    _classifies_as_on_one_device(_dilated_cnn, _images, strategy, seed=8)
 
 
 class _Router(L.Layer):
@@ -363,10 +357,7 @@ def _token_data():
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
 @pytest.mark.parametrize("strategy", ["data", "random"])
 def test_a_top_k_router_trains_as_on_one_device(strategy):
-    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
-    if strategy == "random":
-        strategy = keras_lwp.planner.random_strategy(_routed(), keras_lwp.make_mesh(MESH), BATCH, 2)
-    _assert_same(_fit(_routed, _token_data, loss), _fit(_routed, _token_data, loss, strategy))
+    _classifies_as_on_one_device(_routed, _token_data, strategy, seed=2)
 
 
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")

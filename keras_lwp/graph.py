@@ -70,6 +70,8 @@ class LayerInfo:
     calls: list = field(default_factory=list)
     layer: object = field(default=None, repr=False, compare=False)  # the Keras layer, for the rewrap
     sublayers: tuple = ()  # class names of the layers it is made of (a composite layer), nested ones too
+    # A composite layer whose call moves entries along the batch axis (runtime.MOVES_SAMPLES): no sample split.
+    keeps_batch_whole: bool = False
 
     @property
     def rule_names(self):
@@ -96,7 +98,7 @@ class LayerInfo:
         weights = tuple((w.shape, w.dtype, w.trainable) for w in self.weights)
         calls = tuple((c.inputs, c.outputs, c.input_gradients) for c in self.calls)
         config = _frozen({k: v for k, v in self.config.items() if k != "name"})
-        return (self.rule_names, config, weights, calls, self.sublayers)
+        return (self.rule_names, config, weights, calls, self.sublayers, self.keeps_batch_whole)
 
     @property
     def output(self):

@@ -154,6 +154,8 @@ def ops_dtensor_runs():
             if step:  # the last `step` entries move to the front (a gather: DTensor refuses a concat
                 # along a split dimension, as the batch's or a flattened batch-split tensor's)
                 y = tf.gather(y, np.roll(np.arange(size), step), axis=ax)
+                if axis is not None and ax % y.shape.rank == 0:
+                    _moved_along_first_axis(size)
         return tf.reshape(y, x.shape)
 
     def selected_slice_update(inputs, start_indices, updates):
@@ -183,6 +185,8 @@ def ops_dtensor_runs():
         steps = length if length is not None else (flat_xs[0].shape[0] if flat_xs else None)
         if steps is None or not 0 < int(steps) <= MAX_UNROLLED_STEPS:
             return scan(f, init, xs, length, reverse, unroll)
+        if flat_xs:
+            _moved_along_first_axis(steps)
         # as Keras' scan: each step's output packed like (and shaped like) the carry
         flat_init = [tf.convert_to_tensor(c) for c in keras.tree.flatten(init)]
         pack = lambda flat: keras.tree.pack_sequence_as(init, flat) if keras.tree.is_nested(init) else flat[0]  # noqa: E731
@@ -206,6 +210,7 @@ def ops_dtensor_runs():
         steps = flat_xs[0].shape[0] if flat_xs and flat_xs[0].shape.rank else None
         if steps is None or not 0 < steps <= MAX_UNROLLED_STEPS:
             return map_over(f, xs)
+        _moved_along_first_axis(steps)
         nested = keras.tree.is_nested(xs)
         outputs = [f(keras.tree.pack_sequence_as(xs, [x[i] for x in flat_xs]) if nested else flat_xs[0][i])
                    for i in range(steps)]
@@ -259,6 +264,28 @@ def ops_dtensor_runs():
         math.top_k = top_k
         core.fori_loop, core.scan, core.map = fori_loop, scan, map_over
         tf.Tensor.__getitem__ = getitem
+
+
+_LEADING_AXIS_MOVES = []  # the lists `leading_axis_moves` records into, innermost last
+
+
+@contextlib.contextmanager
+def leading_axis_moves():
+    """Records, into the list it yields, the size of each first axis a rewritten op moves entries
+    along while active: a roll along axis 0, a map or scan over axis 0. On a layer's batch axis inside
+    a layer made of layers split by samples, DTensor cannot lay those out (runtime keeps such a layer
+    whole along the batch)."""
+    sizes = []
+    _LEADING_AXIS_MOVES.append(sizes)
+    try:
+        yield sizes
+    finally:
+        _LEADING_AXIS_MOVES.remove(sizes)
+
+
+def _moved_along_first_axis(size):
+    for sizes in _LEADING_AXIS_MOVES:
+        sizes.append(int(size))
 
 
 # Loops of more steps keep their while loop (and are refused by parallelize, which sees its TensorLists):

@@ -20,6 +20,7 @@ client runs the same plan and starts from client 0's weights.
 """
 
 import os
+import warnings
 
 import numpy as np
 
@@ -110,6 +111,8 @@ def parallelize(model, mesh, strategy="auto", *, overrides=None, batch_size=None
     _refuse_layers_dtensor_cannot_run(graph)
     if isinstance(strategy, str) and strategy.endswith(".json"):
         strategy = Strategy.from_json(strategy)
+    if isinstance(strategy, Strategy):
+        strategy = _batch_kept_whole(strategy, graph)
     profile = default_profile(profile, cost_model, devices_present=True)
     plan = plan_graph(graph, spec, batch_size, strategy, overrides=overrides, profile=profile, cost_model=cost_model,
                       strict=strict, hidden_dimensions=hidden_dimensions, memory_limit=memory_limit,
@@ -192,6 +195,10 @@ UNRUNNABLE_OPS = frozenset({
 # trained 2e-3 away from one device, its loss read 0): wrapped calls run those without XLA
 # (op_rewrites.ops_dtensor_runs), so what is left is a layer's own jit_compile.
 JIT_COMPILED = "an XLA-compiled function (jit_compile=True)"
+# What `_ops_of` reports for a call that moves entries along its inputs' batch axis through a rewrite
+# (op_rewrites.leading_axis_moves): split by samples, DTensor cannot lay that out (its first step
+# failed), so a layer made of layers doing so is kept whole along the batch.
+MOVES_SAMPLES = "a keras.ops roll, map or scan along the batch axis"
 
 
 def _refuse_layers_dtensor_cannot_run(graph):
@@ -201,7 +208,14 @@ def _refuse_layers_dtensor_cannot_run(graph):
         info = graph.nodes[name]["info"]
         if info.class_name == "InputLayer" or has_rule_for(info) and not is_composite(info):
             continue  # a composite layer runs its own call: its ops are checked like an unknown layer's
-        unrunnable = sorted(_ops_of(info) & (UNRUNNABLE_OPS | {JIT_COMPILED}))
+        ops = _ops_of(info)
+        if MOVES_SAMPLES in ops and is_composite(info):
+            info.keeps_batch_whole = True
+            warnings.warn(
+                f"Layer '{name}' ({info.class_name}) computes {MOVES_SAMPLES}, which TensorFlow DTensor cannot lay out "
+                f"when the layer is split by samples: keras_lwp runs it whole along the batch, under any strategy.",
+                stacklevel=3)
+        unrunnable = sorted(ops & (UNRUNNABLE_OPS | {JIT_COMPILED}))
         if unrunnable and type(info.layer).__module__.startswith("keras.src.layers.preprocessing"):
             raise ValueError(
                 f"Layer '{name}' ({info.class_name}) computes with {unrunnable[0]}, an op TensorFlow DTensor cannot run on "
@@ -218,6 +232,17 @@ def _refuse_layers_dtensor_cannot_run(graph):
                 f"TensorFlow DTensor cannot run on a mesh (it fails, crashes the process, or computes wrong values).{loop} Register a rule whose "
                 "implementation avoids that op (keras_lwp.layers.register_rule; docs/how-it-works.md, 'Adding a layer "
                 "rule'), or build the model without this layer.")
+
+
+def _batch_kept_whole(strategy, graph):
+    """`strategy`, with the layers that keep their batch whole (LayerInfo.keeps_batch_whole, warned
+    about) run whole where it splits them by samples."""
+    whole = {name for name, config in strategy.items() if name in graph and "sample" in dict(config)
+             and graph.nodes[name]["info"].keeps_batch_whole}
+    if not whole:
+        return strategy
+    configs = {name: ({} if name in whole else dict(config)) for name, config in strategy.items()}
+    return Strategy(configs, strategy.mesh, name=strategy.name)
 
 
 def _ops_of(info):
@@ -242,12 +267,14 @@ def _ops_of(info):
         return tape.gradient(outs, sources) if outs and sources else outs
 
     try:
-        with op_rewrites.ops_dtensor_runs():  # as a wrapped call runs them
+        with op_rewrites.ops_dtensor_runs(), op_rewrites.leading_axis_moves() as moved:  # as a wrapped call runs them
             graph_def = tf.function(forward_and_backward).get_concrete_function(*specs).graph.as_graph_def()
     except Exception:  # noqa: BLE001  a layer that cannot be traced alone: its step will say why
         return set()
     nodes = list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]
     ops = {node.op for node in nodes}
+    if set(moved) & {t.shape[0] for t in call.inputs if t.shape}:  # (a time axis as long as the batch counts too)
+        ops.add(MOVES_SAMPLES)
     if any("_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b for node in nodes):
         ops.add(JIT_COMPILED)
     return ops

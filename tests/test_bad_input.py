@@ -157,7 +157,7 @@ def test_a_loop_too_long_to_unroll_is_refused_naming_the_limit():
 
 class _PerSampleBlock(L.Layer):
     """A layer made of layers whose call maps over its batch axis (keras.ops.map, unrolled on the mesh):
-    split by samples, DTensor cannot assemble the mapped samples into a batch-split tensor."""
+    split by samples, DTensor cannot stack the mapped samples into a batch-split tensor."""
 
     def build(self, shape):
         self.inner = L.Dense(shape[-1], name="inner")
@@ -167,28 +167,45 @@ class _PerSampleBlock(L.Layer):
         return keras.ops.map(lambda sample: sample * keras.ops.sum(sample), self.inner(x))
 
 
-@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
-def test_a_block_mapping_over_its_batch_fails_its_first_step_naming_it_and_runs_when_pinned_whole():
-    def make():
-        keras.utils.set_random_seed(1)
-        inputs = keras.Input((6, 4), name="sequence")
-        x = _PerSampleBlock(name="per_sample")(L.Dense(4, name="pre")(inputs))
-        return keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(x)))
+def _per_sample_model():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((6, 4), name="sequence")
+    x = _PerSampleBlock(name="per_sample")(L.Dense(4, name="pre")(inputs))
+    return keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(x)))
 
+
+def _fit_per_sample(model):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((16, 6, 4)).astype("float32"), rng.integers(0, 3, 16)
+    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    return [np.asarray(to_host(v.value)) for v in model.weights]
 
-    def fit(model):
-        model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
-        return [np.asarray(to_host(v.value)) for v in model.weights]
 
-    split = make()
-    keras_lwp.parallelize(split, keras_lwp.make_mesh(MESH), strategy="data", batch_size=8)
-    with pytest.raises(NotImplementedError, match=r"by samples: 'per_sample'.*overrides=\{'<its name>': \{\}\}"):
-        fit(split)
-    pinned = make()
-    keras_lwp.parallelize(pinned, keras_lwp.make_mesh(MESH), strategy="data", batch_size=8,
-                          overrides={"per_sample": {}})
-    for got, want in zip(fit(pinned), fit(make())):
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+@pytest.mark.parametrize("strategy", ["data", "auto", "split"])
+def test_a_block_mapping_over_its_batch_runs_whole_along_it_with_a_warning(strategy):
+    """Split by samples, its first step failed; parallelize sees the map (op_rewrites.leading_axis_moves)
+    and keeps the block whole along the batch, under the baselines, the search and a given strategy
+    that splits it by samples alike."""
+    model = _per_sample_model()
+    mesh = keras_lwp.make_mesh(MESH)
+    if strategy == "split":
+        strategy = Strategy({name: {"sample": "x"} for name in ("sequence", "pre", "per_sample", "head")},
+                            MeshSpec(tuple(MESH.items())))
+    with pytest.warns(UserWarning, match=r"Layer 'per_sample' \(_PerSampleBlock\) computes a keras.ops roll, map"):
+        keras_lwp.parallelize(model, mesh, strategy=strategy, batch_size=8)
+    assert "sample" not in dict(keras_lwp.strategy_of(model)["per_sample"])
+    for got, want in zip(_fit_per_sample(model), _fit_per_sample(_per_sample_model())):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+def test_a_layout_conflict_at_the_first_step_names_the_blocks_split_by_samples(monkeypatch):
+    """Were the map not seen, DTensor would fail the first step with an error that points nowhere:
+    keras_lwp's names the blocks the plan splits by samples and the override that keeps one whole."""
+    monkeypatch.setattr(keras_lwp.op_rewrites, "_moved_along_first_axis", lambda size: None)
+    model = _per_sample_model()
+    keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy="data", batch_size=8)
+    with pytest.raises(NotImplementedError, match=r"by samples: 'per_sample'.*overrides=\{'<its name>': \{\}\}"):
+        _fit_per_sample(model)

@@ -50,7 +50,10 @@ class CompositeRule(LayerRule):
         if any(not t.shape or t.shape[0] != batch for call in info.calls for t in call.outputs):
             return []  # an output that is not batch-major: nothing is known to split
         inputs = tuple(0 if t.shape and t.shape[0] == batch else None for t in info.inputs)
-        dims = [DimSpec(name="sample", size=batch, output=0, inputs=inputs, weights=tuple(None for _ in info.weights))]
+        dims = []
+        if not info.keeps_batch_whole:  # a call that rolls, maps or scans along the batch stays whole along it
+            dims.append(DimSpec(name="sample", size=batch, output=0, inputs=inputs,
+                                weights=tuple(None for _ in info.weights)))
         axes = tuple(heads_axis(w) for w in info.weights)
         placed = [w.shape[a] for w, a in zip(info.weights, axes) if a is not None]
         attention = any(w.name.endswith("attention_output/kernel") for w in info.weights)

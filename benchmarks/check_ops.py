@@ -79,6 +79,8 @@ OPS = {
     "logsumexp": "ops.logsumexp(x, axis=1)", "norm": "ops.norm(x, axis=-1)",
     "resize": "ops.image.resize(x[..., None], (12, 8))",
     "diagonal": "ops.diagonal(ops.einsum('bij,bkj->bik', x, x), axis1=1, axis2=2)",
+    "diagonal_offset": "ops.diagonal(x, offset=1, axis1=1, axis2=2)",
+    "cumprod_batch": "ops.cumprod(x, axis=0)",
     "batch_max": "ops.max(x, axis=0, keepdims=True) + x", "moments": "ops.nn.moments(x, axes=[1])[1]",
     "inv": "ops.linalg.inv(ops.eye(4, dtype=x.dtype) * 3 + ops.einsum('bij,bik->bjk', x, x) * 0.01)",
     "average_pool": "ops.nn.average_pool(x, 2, 2)", "max_pool": "ops.nn.max_pool(x, 3, 1, padding='same')",

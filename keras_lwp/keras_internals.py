@@ -80,6 +80,10 @@ INTERNALS = (
      "keras.ops.scan calls it by attribute: unrolled instead of a while loop over TensorArrays"),
     ("keras.src.backend.tensorflow.core", "map", "attribute", "op_rewrites.py",
      "keras.ops.map calls it by attribute: unrolled instead of tf.map_fn's TensorArrays"),
+    ("keras.src.backend.tensorflow.numpy", "cumprod", "attribute", "op_rewrites.py",
+     "keras.ops.cumprod calls it by attribute: products over doubling distances instead of Cumprod"),
+    ("keras.src.backend.tensorflow.numpy", "diagonal", "attribute", "op_rewrites.py",
+     "keras.ops.diagonal calls it by attribute: a gather instead of MatrixDiagPartV3"),
 )
 
 
@@ -115,7 +119,8 @@ def check():
                          (ops.numpy.flip, "backend.numpy.flip("), (ops.math.top_k, "backend.math.top_k("),
                          (ops.core.slice_update, "backend.core.slice_update("),
                          (ops.core.fori_loop, "backend.core.fori_loop("), (ops.core.scan, "backend.core.scan("),
-                         (ops.core.map, "backend.core.map(")):
+                         (ops.core.map, "backend.core.map("), (ops.numpy.cumprod, "backend.numpy.cumprod("),
+                         (ops.numpy.diagonal, "backend.numpy.diagonal(")):
             if call not in inspect.getsource(op):
                 missing.append((op.__module__, op.__name__, "op_rewrites.py", "ops DTensor runs, while a wrapped "
                                 "call is traced", f"it no longer calls {call[:-1]} by attribute"))

@@ -41,6 +41,9 @@ def ops_dtensor_runs():
       MAX_UNROLLED_STEPS): TensorFlow runs them as a while loop whose gradient, and scan's and map's
       TensorArrays, are TensorLists, which DTensor cannot run. They run unrolled: the same body on
       the same values, step after step, the steps' outputs stacked.
+    - keras.ops.cumprod (Cumprod: no layout rule): products over doubling distances (log2 n
+      multiplies of the tensor by its shifted self), the same products in another order;
+      keras.ops.diagonal (MatrixDiagPartV3: none either): a gather of the diagonal's positions.
     - indexing with ints and new axes (`x[0]`, `x[:, None]`, `mask[None, ...]`): DTensor's layout
       propagation for such a strided slice of a split tensor crashed the process (new axes: a
       segmentation fault in slice_util::ForwardLayoutInference::VisitImplicitAxis) or put the split
@@ -57,6 +60,7 @@ def ops_dtensor_runs():
     roll, flip, slice_update, tril, triu = numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu
     top_k = math.top_k
     fori_loop, scan, map_over = core.fori_loop, core.scan, core.map
+    cumprod, diagonal = numpy.cumprod, numpy.diagonal
 
     def channels_last(data_format):
         return (data_format or keras.config.image_data_format()) == "channels_last"
@@ -216,6 +220,41 @@ def ops_dtensor_runs():
                    for i in range(steps)]
         return keras.tree.map_structure(lambda *each: tf.stack(each), *outputs)
 
+    def doubled_cumprod(x, axis=None, dtype=None):
+        x = keras.ops.convert_to_tensor(x, dtype=dtype)
+        if x.dtype == tf.bool or x.shape.rank is None or (axis is None and not x.shape.is_fully_defined()):
+            return cumprod(x, axis, dtype)
+        if axis is None:
+            x, axis = tf.reshape(x, [-1]), 0
+        rank = x.shape.rank
+        axis = int(axis) % rank
+        size = x.shape[axis]
+        if size is None:
+            return cumprod(x, axis, dtype)
+        positions = np.arange(size)
+        y, shift = x, 1
+        while shift < size:  # y[i] = x[i - 2 shift + 1] ... x[i] after each pass: multiply by y[i - shift],
+            # gathered (slices of a split dimension, as the batch's, need sizes it divides)
+            earlier = tf.gather(y, np.maximum(positions - shift, 0), axis=axis)
+            inside = (positions >= shift).reshape([size if a == axis else 1 for a in range(rank)])
+            y = y * tf.where(inside, earlier, tf.ones_like(earlier))
+            shift *= 2
+        return y
+
+    def gathered_diagonal(x, offset=0, axis1=0, axis2=1):
+        x = tf.convert_to_tensor(x)
+        rank, shift = x.shape.rank, _static_ints(offset)
+        if rank is None or rank < 2 or shift is None:
+            return diagonal(x, offset, axis1, axis2)
+        first, second, shift = int(axis1) % rank, int(axis2) % rank, int(shift[0])
+        rows, columns = x.shape[first], x.shape[second]
+        if rows is None or columns is None or not -rows < shift < columns:
+            return diagonal(x, offset, axis1, axis2)
+        x = tf.transpose(x, [a for a in range(rank) if a not in (first, second)] + [first, second])
+        flat = tf.reshape(x, tf.concat([tf.shape(x)[:-2], [rows * columns]], 0))
+        positions = [i * columns + i + shift for i in range(max(0, -shift), min(rows, columns - shift))]
+        return tf.gather(flat, positions, axis=-1)
+
     getitem = tf.Tensor.__getitem__
 
     def getitem_as_slices(tensor, spec):
@@ -255,6 +294,7 @@ def ops_dtensor_runs():
     numpy.tril, numpy.triu = banded("lower"), banded("upper")
     math.top_k = top_k_by_one_hot
     core.fori_loop, core.scan, core.map = unrolled_fori_loop, unrolled_scan, unrolled_map
+    numpy.cumprod, numpy.diagonal = doubled_cumprod, gathered_diagonal
     tf.Tensor.__getitem__ = getitem_as_slices
     try:
         yield
@@ -263,6 +303,7 @@ def ops_dtensor_runs():
         numpy.roll, numpy.flip, core.slice_update, numpy.tril, numpy.triu = roll, flip, slice_update, tril, triu
         math.top_k = top_k
         core.fori_loop, core.scan, core.map = fori_loop, scan, map_over
+        numpy.cumprod, numpy.diagonal = cumprod, diagonal
         tf.Tensor.__getitem__ = getitem
 
 

@@ -186,7 +186,7 @@ UNRUNNABLE_OPS = frozenset({
     "XlaDynamicUpdateSlice", "Roll",
     # No layout rule, whatever the layouts (each failed a step whose layer ran replicated, 2026-12-07):
     # a dilated convolution's way on CPU (keras.ops' dilated convolutions avoid it), cumulative
-    # products, matrix diagonals and inverses.
+    # products, matrix diagonals (keras.ops.cumprod and diagonal avoid them) and inverses.
     "SpaceToBatchND", "BatchToSpaceND", "Cumprod", "MatrixDiagPartV3", "MatrixInverse",
     "ImageProjectiveTransformV3",  # RandomZoom, RandomTranslation, RandomRotation
 })

@@ -188,6 +188,33 @@ def test_unrolled_loops_are_keras_own(name):
     assert not {t for t in ops if t.startswith(("While", "TensorList", "TensorArray"))}, ops
 
 
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+def test_cumprod_is_keras_own(axis):
+    """Products over doubling distances: the same products in another order (float64 rounding apart),
+    and the same gradient (TensorFlow's divides by the input, so no zeros here)."""
+    array = np.random.default_rng(6).uniform(0.5, 1.5, (3, 5, 6))
+    function = lambda x: keras.ops.cumprod(x, axis=axis)  # noqa: E731
+    want = _value_and_gradient(function, array)
+    with ops_dtensor_runs():
+        got = _value_and_gradient(function, array)
+    np.testing.assert_allclose(got[0][0], np.cumprod(array, axis=axis), rtol=1e-14)
+    np.testing.assert_allclose(got[0][0], want[0][0], rtol=1e-14)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("offset, axis1, axis2", [(0, 0, 1), (0, -2, -1), (1, 1, 2), (-2, 2, 0), (4, 0, 2), (-4, 1, 2)])
+def test_diagonal_is_numpys(offset, axis1, axis2):
+    array = np.random.default_rng(7).standard_normal((4, 5, 6))
+    function = lambda x: keras.ops.diagonal(x, offset=offset, axis1=axis1, axis2=axis2)  # noqa: E731
+    want = _value_and_gradient(function, array)
+    with ops_dtensor_runs():
+        got = _value_and_gradient(function, array)
+        graph = tf.function(function).get_concrete_function(tf.TensorSpec(array.shape, tf.float64)).graph
+    np.testing.assert_array_equal(got[0][0], np.diagonal(array, offset, axis1, axis2))
+    np.testing.assert_array_equal(got[1], want[1])
+    assert "MatrixDiagPartV3" not in {op.type for op in graph.get_operations()}
+
+
 def test_a_loop_too_long_to_unroll_keeps_its_while_loop():
     def traced_ops():
         with ops_dtensor_runs():

@@ -228,7 +228,7 @@ class _ShiftedBlock(L.Layer):
     """A block that runs its own call, shifting its map and masking as Swin Transformer's does:
     keras.ops.roll (Roll), a mask built with keras.ops.slice_update (XlaDynamicUpdateSlice), indexing
     that adds axes (a strided slice with new axes, whose DTensor layout crashed the process), and
-    flip and triu. It holds a layer, so "data" runs it split by samples (a roll of the flattened
+    flip, triu, cumprod and diagonal. It holds a layer, so "data" runs it split by samples (a roll of the flattened
     tensor as a concat failed there)."""
 
     def build(self, shape):
@@ -241,6 +241,8 @@ class _ShiftedBlock(L.Layer):
         mask = keras.ops.slice_update(mask, [0, 5, 2, 0], keras.ops.ones((1, 3, 4, 1), x.dtype))
         shifted = (shifted[:, None] * (1.0 + mask)[None, ...])[:, 0]  # new axes, as Swin's mask[None, :, None]
         shifted = keras.ops.flip(shifted, axis=2) + keras.ops.triu(x[..., 0], 1)[..., None]
+        # cumprod along the split batch axis (Cumprod has no DTensor rule), diagonal (MatrixDiagPartV3 neither)
+        shifted += keras.ops.cumprod(keras.ops.sigmoid(x), axis=0) + keras.ops.diagonal(x, 0, 1, 2)[:, None]
         return keras.ops.roll(shifted, shift=3, axis=1) + keras.ops.roll(x, shift=5)
 
 

@@ -24,7 +24,8 @@ from absl import app, flags, logging  # noqa: E402
 from benchmarks.steady import interleaved_medians, timed_fit  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["bert", "gpt2", "llama", "vit"], "keras_hub backbones (also those of OTHER_TEXT).")
+flags.DEFINE_list("models", ["bert", "gpt2", "llama", "vit"], "keras_hub backbones (also those of OTHER_TEXT "
+                  "and SEQ2SEQ).")
 flags.DEFINE_list("meshes", ["4x2", "8"], "Meshes to plan on.")
 flags.DEFINE_list("strategies", ["data", "owt", "auto"], "Strategies timed beside one device (also "
                   "'auto-profiled': auto with cost_model='profiled'; 'random<seed>': a random valid plan, "
@@ -81,6 +82,17 @@ OTHER_TEXT = {
                                               decay_lora=8)),
 }
 
+# Encoder-decoders (class, keyword arguments at a sequence length): a language-model head over the
+# decoder's output, every input made up from its name and dtype (`build`). T5 runs in float32 only:
+# with static input shapes under float64, keras_hub's relative position buckets mix int32 and int64.
+_SMALL = dict(vocabulary_size=VOCABULARY, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32)
+SEQ2SEQ = {
+    "bart": ("BartBackbone", lambda n: dict(max_sequence_length=n, **_SMALL)),
+    "whisper": ("WhisperBackbone", lambda n: dict(num_mels=8, max_encoder_sequence_length=2 * n,
+                                                  max_decoder_sequence_length=n, **_SMALL)),
+    "t5": ("T5Backbone", lambda n: dict(key_value_dim=8, **_SMALL)),
+}
+
 
 def build(name):
     """(model, input_shapes, data(rng) -> (x, y)) of a small keras_hub backbone with a head and a loss."""
@@ -90,6 +102,20 @@ def build(name):
 
     length, batch = FLAGS.length, FLAGS.batch_size * 2
     common = dict(num_layers=2, hidden_dim=128, intermediate_dim=256)
+    if name in SEQ2SEQ:
+        cls, kwargs = SEQ2SEQ[name]
+        backbone = getattr(keras_hub.models, cls)(**kwargs(length))
+        model = keras.Model(backbone.input, keras.layers.Dense(VOCABULARY, name="lm_head")(
+            backbone.output["decoder_sequence_output"]))
+        shapes = {t.name: tuple(length if d is None else d for d in t.shape[1:]) for t in model.inputs}
+
+        def data(rng):  # masks all ones, token ids, and (Whisper) audio features
+            x = {key: (np.ones((batch,) + shape, int) if "mask" in key
+                       else rng.integers(0, VOCABULARY, (batch,) + shape) if "token" in key
+                       else rng.standard_normal((batch,) + shape)) for key, shape in shapes.items()}
+            return x, rng.integers(0, VOCABULARY, (batch, length))
+
+        return model, shapes, data
     if name == "vit":
         backbone = keras_hub.models.ViTBackbone(image_shape=(2 * length, 2 * length, 3), patch_size=16, num_heads=4,
                                                 num_layers=2, hidden_dim=128, mlp_dim=256)

@@ -84,7 +84,8 @@ OTHER_TEXT = {
 
 # Encoder-decoders (class, keyword arguments at a sequence length): a language-model head over the
 # decoder's output, every input made up from its name and dtype (`build`). T5 runs in float32 only:
-# with static input shapes under float64, keras_hub's relative position buckets mix int32 and int64.
+# in float64 with a static sequence length keras_hub's relative position buckets mix int32 and int64
+# (a T5Backbone called on static-length inputs fails so in plain Keras too).
 _SMALL = dict(vocabulary_size=VOCABULARY, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32)
 SEQ2SEQ = {
     "bart": ("BartBackbone", lambda n: dict(max_sequence_length=n, **_SMALL)),

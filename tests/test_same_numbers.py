@@ -292,15 +292,19 @@ def _loop_block_model():
     return keras.Model(inputs, L.Dense(5, name="head")(x))
 
 
-def _sequences():
-    rng = np.random.default_rng(4)
-    return rng.standard_normal((BATCH * STEPS, 6, 5)), rng.integers(0, 5, BATCH * STEPS)
+def _sequence_data(length, features, classes, seed):
+    """A maker of STEPS batches of random sequences [length, features] and labels below `classes`."""
+    def make():
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((BATCH * STEPS, length, features)), rng.integers(0, classes, BATCH * STEPS)
+    return make
 
 
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
 @pytest.mark.parametrize("strategy", ["data", "random"])
 def test_fori_loop_scan_and_map_inside_a_block_train_as_on_one_device(strategy):
-    _classifies_as_on_one_device(_loop_block_model, _sequences, strategy, seed=3, split_block="block")
+    _classifies_as_on_one_device(_loop_block_model, _sequence_data(6, 5, 5, seed=4), strategy, seed=3,
+                                 split_block="block")
 
 
 def _dilated_cnn():
@@ -351,15 +355,10 @@ def _routed():
     return keras.Model(inputs, L.Dense(3, name="head")(L.Flatten(name="flat")(x)))
 
 
-def _token_data():
-    rng = np.random.default_rng(7)
-    return rng.standard_normal((BATCH * STEPS, 5, 8)), rng.integers(0, 3, BATCH * STEPS)
-
-
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
 @pytest.mark.parametrize("strategy", ["data", "random"])
 def test_a_top_k_router_trains_as_on_one_device(strategy):
-    _classifies_as_on_one_device(_routed, _token_data, strategy, seed=2)
+    _classifies_as_on_one_device(_routed, _sequence_data(5, 8, 3, seed=7), strategy, seed=2)
 
 
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")

@@ -224,6 +224,20 @@ def _with_static_shapes(functional, input_shapes):
     return keras.models.clone_model(functional, input_tensors=structure, clone_function=lambda layer: layer)
 
 
+def _shaped_like(functional, tensors):
+    """`functional` (a model nested in the one being read), or its twin on inputs shaped as `tensors`
+    (what the outer model calls it on) when its own inputs leave dimensions open: a keras_hub
+    backbone called as a layer keeps the open sequence length of its own inputs."""
+    import keras
+
+    inner = list(functional.inputs)
+    if len(inner) != len(tensors) or all(tuple(i.shape)[1:] == tuple(t.shape)[1:] for i, t in zip(inner, tensors)):
+        return functional
+    static = {id(i): keras.Input(tuple(t.shape)[1:], dtype=i.dtype, name=i.name) for i, t in zip(inner, tensors)}
+    structure = keras.tree.map_structure(lambda t: static[id(t)], functional.input)
+    return keras.models.clone_model(functional, input_tensors=structure, clone_function=lambda layer: layer)
+
+
 class _Reader:
     def __init__(self, graph, batch_size):
         self.graph = graph
@@ -294,7 +308,7 @@ class _Reader:
                 if missing:
                     raise ValueError(f"Layer '{op.name}' reads a tensor that is not produced inside the model.")
                 if isinstance(op, keras.Model):
-                    inner = _functional_of(op)
+                    inner = _shaped_like(_functional_of(op), inputs)
                     inner_sources = {id(i): sources[id(o)] for i, o in zip(inner.inputs, inputs)}
                     self.trace(inner, inner_sources)
                     for outer, produced in zip(node.output_tensors, inner.outputs):

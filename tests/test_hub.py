@@ -201,3 +201,36 @@ def test_a_recurrence_over_tensor_lists_is_refused_before_any_change():
         keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), batch_size=BATCH, input_shapes={"token_ids": (LENGTH,),
                                                                                             "padding_mask": (LENGTH,)})
     assert not hasattr(model, "_keras_lwp") and calls == [type(layer.call) for layer in model.layers]
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")
+@pytest.mark.parametrize("strategy", ["data", "random"])
+def test_a_backbone_called_as_a_layer_trains_like_one_device(strategy):
+    """`backbone(inputs)`: a functional model nested in the user's, whose own inputs leave the sequence
+    length open even when the user's do not (it was refused: "needs static shapes"). keras_lwp reads
+    it on the shapes the outer model calls it with."""
+    def build():
+        keras.utils.set_random_seed(1)
+        backbone = keras_hub.models.BertBackbone(vocabulary_size=VOCABULARY, num_layers=1, num_heads=2, hidden_dim=32,
+                                                 intermediate_dim=64, max_sequence_length=LENGTH)
+        inputs = {key: keras.Input((None,), dtype="int32", name=key) for key in SHAPES}
+        return keras.Model(inputs, keras.layers.Dense(3, name="classifier")(backbone(inputs)["pooled_output"]))
+
+    def run(parallel):
+        with precision.float64():
+            model = build()
+            if parallel:
+                plan = (random_strategy(model, MESH, BATCH, seed=4, input_shapes=SHAPES) if strategy == "random"
+                        else strategy)
+                keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=plan, batch_size=BATCH,
+                                      input_shapes=SHAPES)
+                assert sum(1 for config in keras_lwp.strategy_of(model).values() if config) > 1
+            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            losses = model.fit(*data(), batch_size=BATCH, epochs=1, shuffle=False, verbose=0).history["loss"]
+            return losses, [np.asarray(to_host(v.value)) for v in model.weights]
+
+    (want_losses, want), (got_losses, got) = run(False), run(True)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-9)
+    scale = max(float(np.max(np.abs(w))) for w in want)
+    for reference, weight in zip(want, got):
+        np.testing.assert_allclose(weight, reference, rtol=1e-9, atol=1e-9 * scale)

@@ -155,6 +155,21 @@ def deberta_lm():
     return keras.Model(backbone.input, keras.layers.Dense(VOCABULARY, name="lm_head")(backbone.output))
 
 
+def _fit_adam(model, x, y):
+    """(per-step losses, weights) after one epoch of Adam."""
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    losses = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0).history["loss"]
+    return losses, [np.asarray(to_host(v.value)) for v in model.weights]
+
+
+def _assert_same_training(reference, run):
+    """Losses and every weight of `run` as `reference`'s (one device), within 1e-9 (float64)."""
+    np.testing.assert_allclose(run[0], reference[0], rtol=1e-9)
+    scale = max(float(np.max(np.abs(w))) for w in reference[1])
+    for want, got in zip(reference[1], run[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * scale)
+
+
 # Random plans (seed 1) that run a block by attention heads: Gemma's second decoder block on x,
 # both of DeBERTa's encoder layers by samples on x and heads on y.
 OTHER_BACKBONES = {"gemma": (gemma_lm, 1, "decoder_block_1"),
@@ -179,15 +194,9 @@ def test_other_backbones_train_like_one_device_under_a_random_plan(name):
                 assert "heads" in dict(plan[block]), "the plan does not split a block by heads"
                 keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=plan, batch_size=BATCH,
                                       input_shapes=shapes)
-            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            losses = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0).history["loss"]
-            return losses, [np.asarray(to_host(v.value)) for v in model.weights]
+            return _fit_adam(model, x, y)
 
-    (want_losses, want), (got_losses, got) = run(False), run(True)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-9)
-    scale = max(float(np.max(np.abs(w))) for w in want)
-    for reference, weight in zip(want, got):
-        np.testing.assert_allclose(weight, reference, rtol=1e-9, atol=1e-9 * scale)
+    _assert_same_training(run(False), run(True))
 
 
 def test_a_recurrence_over_tensor_lists_is_refused_before_any_change():
@@ -225,12 +234,6 @@ def test_a_backbone_called_as_a_layer_trains_like_one_device(strategy):
                 keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=plan, batch_size=BATCH,
                                       input_shapes=SHAPES)
                 assert sum(1 for config in keras_lwp.strategy_of(model).values() if config) > 1
-            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            losses = model.fit(*data(), batch_size=BATCH, epochs=1, shuffle=False, verbose=0).history["loss"]
-            return losses, [np.asarray(to_host(v.value)) for v in model.weights]
+            return _fit_adam(model, *data())
 
-    (want_losses, want), (got_losses, got) = run(False), run(True)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-9)
-    scale = max(float(np.max(np.abs(w))) for w in want)
-    for reference, weight in zip(want, got):
-        np.testing.assert_allclose(weight, reference, rtol=1e-9, atol=1e-9 * scale)
+    _assert_same_training(run(False), run(True))

@@ -147,8 +147,9 @@ def _step_function(model, step):
                 raise NotImplementedError(
                     f"TensorFlow DTensor could not lay out model '{model.name}''s step: {_first_line(error)}. "
                     f"The known cause is a layer made of layers, split by samples, whose own call rearranges "
-                    f"the batch axis (keras.ops.roll, map or scan along it). Layers made of layers this plan "
-                    f"splits by samples: {_sample_split_composites(model)}. Pin the one that does so whole "
+                    f"the batch axis in a way keras_lwp did not see (it keeps a block that rolls, maps or scans "
+                    f"along its batch whole by itself). Layers made of layers this plan splits by samples: "
+                    f"{_sample_split_composites(model)}. Pin the one that does so whole "
                     f"(parallelize(..., overrides={{'<its name>': {{}}}})).") from error
             if refused is None:
                 raise

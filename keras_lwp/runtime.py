@@ -108,7 +108,7 @@ def parallelize(model, mesh, strategy="auto", *, overrides=None, batch_size=None
     batch_size = _batch_size(model, spec, batch_size)
     graph = layer_graph(model, batch_size, input_shapes)  # refuses subclassed and empty models before any change
     _check_float_inputs(graph)
-    _refuse_layers_dtensor_cannot_run(graph)
+    _check_layers_run_on_dtensor(graph)
     if isinstance(strategy, str) and strategy.endswith(".json"):
         strategy = Strategy.from_json(strategy)
     if isinstance(strategy, Strategy):
@@ -201,9 +201,11 @@ JIT_COMPILED = "an XLA-compiled function (jit_compile=True)"
 MOVES_SAMPLES = "a keras.ops roll, map or scan along the batch axis"
 
 
-def _refuse_layers_dtensor_cannot_run(graph):
+def _check_layers_run_on_dtensor(graph):
     """A layer with no rule runs replicated, as the user's own code; refuse it, before any change, when
-    that code uses an op DTensor cannot run, naming the layer, the op and the way out."""
+    that code uses an op DTensor cannot run, naming the layer, the op and the way out. A layer made of
+    layers whose call moves entries along its batch axis is marked to stay whole along it (with a
+    warning): split by samples, DTensor cannot lay that out."""
     for name in graph:
         info = graph.nodes[name]["info"]
         if info.class_name == "InputLayer" or has_rule_for(info) and not is_composite(info):

@@ -11,6 +11,7 @@ import keras_lwp
 from keras_lwp import Strategy
 from keras_lwp.mesh import MeshSpec
 from keras_lwp.placement import to_host
+from tests import precision
 
 MESH = {"x": 4, "y": 2}
 L = keras.layers
@@ -176,7 +177,7 @@ def _per_sample_model():
 
 def _fit_per_sample(model):
     rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((16, 6, 4)).astype("float32"), rng.integers(0, 3, 16)
+    x, y = rng.standard_normal((16, 6, 4)), rng.integers(0, 3, 16)
     model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
     return [np.asarray(to_host(v.value)) for v in model.weights]
@@ -188,16 +189,18 @@ def test_a_block_mapping_over_its_batch_runs_whole_along_it_with_a_warning(strat
     """Split by samples, its first step failed; parallelize sees the map (op_rewrites.leading_axis_moves)
     and keeps the block whole along the batch, under the baselines, the search and a given strategy
     that splits it by samples alike."""
-    model = _per_sample_model()
-    mesh = keras_lwp.make_mesh(MESH)
     if strategy == "split":
         strategy = Strategy({name: {"sample": "x"} for name in ("sequence", "pre", "per_sample", "head")},
                             MeshSpec(tuple(MESH.items())))
-    with pytest.warns(UserWarning, match=r"Layer 'per_sample' \(_PerSampleBlock\) computes a keras.ops roll, map"):
-        keras_lwp.parallelize(model, mesh, strategy=strategy, batch_size=8)
-    assert "sample" not in dict(keras_lwp.strategy_of(model)["per_sample"])
-    for got, want in zip(_fit_per_sample(model), _fit_per_sample(_per_sample_model())):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with precision.float64():
+        model = _per_sample_model()
+        with pytest.warns(UserWarning, match=r"Layer 'per_sample' \(_PerSampleBlock\) computes a keras.ops roll, map"):
+            keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy=strategy, batch_size=8)
+        assert "sample" not in dict(keras_lwp.strategy_of(model)["per_sample"])
+        got, want = _fit_per_sample(model), _fit_per_sample(_per_sample_model())
+    scale = max(float(np.max(np.abs(w))) for w in want)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * scale)
 
 
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning")

@@ -63,7 +63,7 @@ INTERNALS = (
     ("keras.src.backend.tensorflow.nn", "separable_conv", "attribute", "op_rewrites.py",
      "keras.ops.separable_conv calls it by attribute: a dilated one runs as taps and a pointwise conv"),
     ("keras.src.backend.tensorflow.numpy", "roll", "attribute", "op_rewrites.py",
-     "keras.ops.roll calls it by attribute: slices instead of Roll while a wrapped call is traced"),
+     "keras.ops.roll calls it by attribute: a gather instead of Roll while a wrapped call is traced"),
     ("keras.src.backend.tensorflow.numpy", "flip", "attribute", "op_rewrites.py",
      "keras.ops.flip calls it by attribute: a slice with step -1 instead of ReverseV2"),
     ("keras.src.backend.tensorflow.numpy", "tril", "attribute", "op_rewrites.py",
@@ -113,14 +113,12 @@ def check():
                             "the logits kept across relayouts", "it no longer reads _keras_logits"))
         from keras.src import ops
 
-        for op, call in ((ops.nn.conv, "backend.nn.conv("), (ops.nn.depthwise_conv, "backend.nn.depthwise_conv("),
-                         (ops.nn.separable_conv, "backend.nn.separable_conv("), (ops.numpy.roll, "backend.numpy.roll("),
-                         (ops.numpy.tril, "backend.numpy.tril("), (ops.numpy.triu, "backend.numpy.triu("),
-                         (ops.numpy.flip, "backend.numpy.flip("), (ops.math.top_k, "backend.math.top_k("),
-                         (ops.core.slice_update, "backend.core.slice_update("),
-                         (ops.core.fori_loop, "backend.core.fori_loop("), (ops.core.scan, "backend.core.scan("),
-                         (ops.core.map, "backend.core.map("), (ops.numpy.cumprod, "backend.numpy.cumprod("),
-                         (ops.numpy.diagonal, "backend.numpy.diagonal(")):
+        # Each backend function op_rewrites swaps: keras.ops must call it by attribute, or the swap is unseen.
+        for module_name, name, _, used_by, _ in INTERNALS:
+            if used_by != "op_rewrites.py":
+                continue
+            backend_module = module_name.rsplit(".", 1)[1]  # nn, numpy, core or math, as keras.src.ops names them
+            op, call = getattr(getattr(ops, backend_module), name), f"backend.{backend_module}.{name}("
             if call not in inspect.getsource(op):
                 missing.append((op.__module__, op.__name__, "op_rewrites.py", "ops DTensor runs, while a wrapped "
                                 "call is traced", f"it no longer calls {call[:-1]} by attribute"))

@@ -34,18 +34,25 @@ def wrap_call(layer, place, mesh, sources=None):
     def call(*args, **kwargs):
         inputs = args[0] if args else None
         rest = args[1:]
+        masks = {}  # id of an input's Keras mask -> that mask laid out like the relaid input
         if isinstance(inputs, (list, tuple)):
-            inputs = type(inputs)(_relayout_input(place, i, t, mesh, sources) for i, t in enumerate(inputs))
+            inputs = type(inputs)(_relayout_input(place, i, t, mesh, sources, masks) for i, t in enumerate(inputs))
         elif inputs is not None:
-            inputs = _relayout_input(place, 0, inputs, mesh, sources)
+            inputs = _relayout_input(place, 0, inputs, mesh, sources, masks)
         # Extra tensor arguments (attention's value/key) are inputs 1, 2, ... of the rule.
-        rest = tuple(_relayout_input(place, 1 + i, t, mesh, sources) if tf.is_tensor(t) else t
+        rest = tuple(_relayout_input(place, 1 + i, t, mesh, sources, masks) if tf.is_tensor(t) else t
                      for i, t in enumerate(rest))
         # Tensors passed by keyword (attention's value/key, a block's padding mask) are the inputs the
-        # model's call gave them; unplanned ones (a mask Keras adds) keep the layout they have.
+        # model's call gave them.
         for key, index in keywords.items():
             if tf.is_tensor(kwargs.get(key)):
-                kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources)
+                kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources, masks)
+        # The masks Keras passes beside them (`mask`, `query_mask`, ...: the inputs' `_keras_mask`)
+        # follow their inputs; left where they were, DTensor met two layouts of one batch inside the
+        # layer and failed, or (MultiHeadAttention reads its query's mask) the mask was dropped.
+        for key, value in kwargs.items():
+            if (key == "mask" or key.endswith("_mask")) and key not in keywords:
+                kwargs[key] = keras.tree.map_structure(lambda m: masks.get(id(m), m), value)
         kwargs = {key: _on_mesh(value, mesh) for key, value in kwargs.items()}
         with draws_as_one_device(mesh), ops_dtensor_runs():
             outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
@@ -65,13 +72,31 @@ def _keyword_inputs(info):
     return keras_internals.keyword_inputs(node)
 
 
-def _relayout_input(place, index, tensor, mesh, sources):
+def _relayout_input(place, index, tensor, mesh, sources, masks):
+    """Input `index` relaid to the layout the configuration needs, with its Keras mask (recorded in
+    `masks` by the mask's id, for the mask arguments Keras fills from it)."""
     import tensorflow as tf
 
     tensor = _on_mesh(tensor, mesh)
     if not tf.is_tensor(tensor) or index >= len(place.info.calls[0].inputs):
         return tensor
-    return placement.relayout(tensor, place.input_layout(index, tensor), mesh, source=sources.get(index))
+    spec = place.input_layout(index, tensor)
+    relaid = placement.relayout(tensor, spec, mesh, source=sources.get(index))
+    mask = getattr(tensor, "_keras_mask", None)
+    if mask is not None and tf.is_tensor(mask):
+        masks[id(mask)] = relaid_mask = _mask_laid_out(mask, tensor, spec, mesh)
+        try:
+            relaid._keras_mask = relaid_mask
+        except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either
+            pass
+    return relaid
+
+
+def _mask_laid_out(mask, tensor, spec, mesh):
+    """A mask over `tensor`'s leading axes laid out like them; any other mask whole on every device."""
+    rank = len(mask.shape)
+    leading = tuple(mask.shape) == tuple(tensor.shape)[:rank]
+    return placement.relayout(mask, tuple(spec)[:rank] if leading else (None,) * rank, mesh)
 
 
 def _on_mesh(value, mesh):
@@ -163,18 +188,18 @@ def relayout_output(tensor, spec, mesh):
     import tensorflow as tf
 
     relaid = placement.relayout(tensor, spec, mesh)
-    if relaid is tensor:
-        return relaid
     logits = getattr(tensor, "_keras_logits", None)
     if logits is None and not tf.executing_eagerly() and getattr(tensor, "op", None) is not None \
             and tensor.op.type in _LOGITS_OPS and len(tensor.op.inputs) == 1:
         logits = tensor.op.inputs[0]
     mask = getattr(tensor, "_keras_mask", None)
     try:
-        if logits is not None:
+        if logits is not None and relaid is not tensor:
             relaid._keras_logits = placement.relayout(logits, spec, mesh)
-        if mask is not None:
-            relaid._keras_mask = placement.relayout(mask, spec[:len(mask.shape)], mesh)
+        # The mask too when the tensor stays: Keras set it after the call that made the tensor, from
+        # that call's inputs, in their layout.
+        if mask is not None and tf.is_tensor(mask):
+            relaid._keras_mask = _mask_laid_out(mask, tensor, spec, mesh)
     except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either
         pass
     return relaid

@@ -54,6 +54,10 @@ INTERNALS = (
      "sparse rows scatter-subtracted (no DTensor rule): made dense"),
     ("keras.src.ops", "flip", "attribute", "layers/recurrent.py",
      "Bidirectional reverses its backward outputs with ops.flip (ReverseV2): a gather while it is traced"),
+    ("keras.src.backend.common.masking", "get_keras_mask", "attribute", "wrapping.py",
+     "a tensor's mask (an attribute, or for an eager tensor an entry of a global table)"),
+    ("keras.src.backend.common.masking", "set_keras_mask", "attribute", "wrapping.py",
+     "a relaid tensor carries the mask of the tensor it was relaid from"),
     ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "wrapping.py",
      "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
     ("keras.src.backend.tensorflow.nn", "conv", "attribute", "op_rewrites.py",
@@ -161,6 +165,20 @@ def keyword_inputs(node):
 def call_arguments(node, tensors):
     """(args, kwargs) of a Keras node's call with its input tensors replaced ({id(tensor): value})."""
     return node.arguments.fill_in(tensors)
+
+
+def keras_mask(tensor):
+    """The mask Keras keeps on a tensor, or None."""
+    from keras.src.backend.common import masking
+
+    return masking.get_keras_mask(tensor)
+
+
+def set_keras_mask(tensor, mask):
+    """Keep `mask` on `tensor` as Keras would (None clears it)."""
+    from keras.src.backend.common import masking
+
+    masking.set_keras_mask(tensor, mask)
 
 
 def backing_variable(variable):

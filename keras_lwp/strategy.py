@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from keras_lwp.config import Config
 from keras_lwp.cost.model import LayerCost
-from keras_lwp.mesh import MeshSpec
+from keras_lwp.mesh import MeshSpec, mesh_spec_of
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class Strategy(Mapping):
     """A mapping from layer name to that layer's Config, over a mesh, with its predicted cost.
 
     Attributes:
-        mesh: the MeshSpec the configurations refer to.
+        mesh: the mesh the configurations refer to: a MeshSpec, a dict {axis: size}, a text like "4x2", a
+            dtensor.Mesh or a keras DeviceMesh (kept as its MeshSpec).
         name: "auto", "data", "model", "owt" or "custom".
         cost: StrategyCost (seconds per training step), or None when not costed.
         memory: estimated bytes on one device (weights, gradients, optimizer slots, activations);
@@ -112,7 +113,8 @@ class Strategy(Mapping):
     def __init__(self, configs, mesh, name="custom", cost=None, memory=None, layers=None, profile=None,
                  memory_detail=None, edges=(), data_parallel=None, communication=None):
         self._configs = {str(k): v if isinstance(v, Config) else _config_of(k, v) for k, v in configs.items()}
-        self.mesh = mesh if isinstance(mesh, MeshSpec) else MeshSpec.from_dict(mesh)
+        serialized = isinstance(mesh, Mapping) and not isinstance(mesh.get("axes", 0), int)  # to_json's form
+        self.mesh = MeshSpec.from_dict(mesh) if serialized else mesh_spec_of(mesh)
         self.name = name
         self.cost = cost
         self.memory = memory

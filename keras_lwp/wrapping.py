@@ -34,7 +34,7 @@ def wrap_call(layer, place, mesh, sources=None):
     def call(*args, **kwargs):
         inputs = args[0] if args else None
         rest = args[1:]
-        masks = {}  # id of an input's Keras mask -> that mask laid out like the relaid input
+        masks = _InputMasks(mesh)
         if isinstance(inputs, (list, tuple)):
             inputs = type(inputs)(_relayout_input(place, i, t, mesh, sources, masks) for i, t in enumerate(inputs))
         elif inputs is not None:
@@ -47,15 +47,13 @@ def wrap_call(layer, place, mesh, sources=None):
         for key, index in keywords.items():
             if tf.is_tensor(kwargs.get(key)):
                 kwargs[key] = _relayout_input(place, index, kwargs[key], mesh, sources, masks)
-        # The masks Keras passes beside them (`mask`, `query_mask`, ...: the inputs' `_keras_mask`)
-        # follow their inputs; left where they were, DTensor met two layouts of one batch inside the
-        # layer and failed, or (MultiHeadAttention reads its query's mask) the mask was dropped.
         for key, value in kwargs.items():
             if (key == "mask" or key.endswith("_mask")) and key not in keywords:
-                kwargs[key] = keras.tree.map_structure(lambda m: masks.get(id(m), m), value)
+                kwargs[key] = masks.argument(value)
         kwargs = {key: _on_mesh(value, mesh) for key, value in kwargs.items()}
         with draws_as_one_device(mesh), ops_dtensor_runs():
             outputs = original(inputs, *rest, **kwargs) if args else original(**kwargs)
+        masks.write_back()
         return keras.tree.map_structure(
             lambda t: relayout_output(t, place.output_layout(t), mesh) if tf.is_tensor(t) else t, outputs)
 
@@ -73,8 +71,7 @@ def _keyword_inputs(info):
 
 
 def _relayout_input(place, index, tensor, mesh, sources, masks):
-    """Input `index` relaid to the layout the configuration needs, with its Keras mask (recorded in
-    `masks` by the mask's id, for the mask arguments Keras fills from it)."""
+    """Input `index` relaid to the layout the configuration needs, with its Keras mask (`masks`)."""
     import tensorflow as tf
 
     tensor = _on_mesh(tensor, mesh)
@@ -82,14 +79,44 @@ def _relayout_input(place, index, tensor, mesh, sources, masks):
         return tensor
     spec = place.input_layout(index, tensor)
     relaid = placement.relayout(tensor, spec, mesh, source=sources.get(index))
-    mask = getattr(tensor, "_keras_mask", None)
-    if mask is not None and tf.is_tensor(mask):
-        masks[id(mask)] = relaid_mask = _mask_laid_out(mask, tensor, spec, mesh)
-        try:
-            relaid._keras_mask = relaid_mask
-        except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either
-            pass
+    masks.carry(tensor, relaid, spec)
     return relaid
+
+
+class _InputMasks:
+    """The Keras masks of a wrapped call's inputs, laid out like the relaid inputs.
+
+    A relayout is a new tensor, and Keras keeps a mask on the tensor (`_keras_mask`): each relaid input
+    carries its mask over, and the mask arguments Keras filled from the inputs (`mask`, `query_mask`,
+    ...) are replaced by the carried ones. Left where they were, DTensor met two layouts of one batch
+    inside the layer and failed, or the mask was lost (MultiHeadAttention reads its query's from the
+    query tensor). What the call does to its inputs' masks is done to the model's tensors too
+    (MultiHeadAttention clears them, and the Add or Multiply after it reads them)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self.carried = {}  # id of an input's mask -> the mask laid out like the relaid input
+        self.moved = []  # (input, relaid input, the mask it was given)
+
+    def carry(self, tensor, relaid, spec):
+        mask = keras_internals.keras_mask(tensor)
+        if mask is None:
+            return
+        self.carried[id(mask)] = laid_out = _mask_laid_out(mask, tensor, spec, self.mesh)
+        keras_internals.set_keras_mask(relaid, laid_out)
+        if relaid is not tensor:
+            self.moved.append((tensor, relaid, laid_out))
+
+    def argument(self, value):
+        import keras
+
+        return keras.tree.map_structure(lambda mask: self.carried.get(id(mask), mask), value)
+
+    def write_back(self):
+        for tensor, relaid, given in self.moved:
+            now = keras_internals.keras_mask(relaid)
+            if now is not given:
+                keras_internals.set_keras_mask(tensor, now)
 
 
 def _mask_laid_out(mask, tensor, spec, mesh):
@@ -192,16 +219,16 @@ def relayout_output(tensor, spec, mesh):
     if logits is None and not tf.executing_eagerly() and getattr(tensor, "op", None) is not None \
             and tensor.op.type in _LOGITS_OPS and len(tensor.op.inputs) == 1:
         logits = tensor.op.inputs[0]
-    mask = getattr(tensor, "_keras_mask", None)
-    try:
-        if logits is not None and relaid is not tensor:
+    if logits is not None and relaid is not tensor:
+        try:
             relaid._keras_logits = placement.relayout(logits, spec, mesh)
-        # The mask too when the tensor stays: Keras set it after the call that made the tensor, from
-        # that call's inputs, in their layout.
-        if mask is not None and tf.is_tensor(mask):
-            relaid._keras_mask = _mask_laid_out(mask, tensor, spec, mesh)
-    except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either
-        pass
+        except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either
+            pass
+    # The mask too when the tensor stays: Keras set it after the call that made the tensor, from that
+    # call's inputs, in their layout.
+    mask = keras_internals.keras_mask(tensor)
+    if mask is not None:
+        keras_internals.set_keras_mask(relaid, _mask_laid_out(mask, tensor, spec, mesh))
     return relaid
 
 

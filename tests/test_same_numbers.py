@@ -151,14 +151,16 @@ def test_masked_sequence_loss_applies_the_mask(strategy):
 
 def _masked_reader():
     """Layers that read the mask Keras passes them: attention (MultiHeadAttention takes its query's
-    mask from the query tensor itself, the value's as an argument), a recurrent layer, a masked
-    average."""
+    mask from the query tensor itself, the value's as an argument, and clears both), a product of
+    masked tensors (Multiply reads its inputs' masks and puts 1 where they mask), a recurrent layer, a
+    masked average; and a convolution, which ignores the mask, so the masked positions count."""
     inputs = keras.Input((12,), dtype="int32", name="tokens")
     x = L.Embedding(30, 16, mask_zero=True, name="embed")(inputs)
-    x = L.MultiHeadAttention(2, 8, name="attend")(x, x)
-    x = L.GRU(8, return_sequences=True, name="gru")(x)
-    x = L.GlobalAveragePooling1D(name="average")(x)
-    return keras.Model(inputs, L.Dense(6, name="classes")(x))
+    attended = L.MultiHeadAttention(2, 8, name="attend")(x, x)
+    gated = L.Multiply(name="gate")([attended, L.Rescaling(0.5, name="half")(x)])
+    averaged = L.GlobalAveragePooling1D(name="average")(L.GRU(8, return_sequences=True, name="gru")(gated))
+    pooled = L.GlobalMaxPooling1D(name="pool")(L.Conv1D(8, 3, padding="same", name="conv")(gated))
+    return keras.Model(inputs, L.Dense(6, name="classes")(L.Concatenate(name="both")([averaged, pooled])))
 
 
 def _masked_tokens():
@@ -168,10 +170,22 @@ def _masked_tokens():
 
 @pytest.mark.parametrize("strategy, seed", [("data", 0), ("random", 0), ("random", 4), ("random", 9)])
 def test_masks_follow_their_tensors_into_the_layers_that_read_them(strategy, seed):
-    """A relaid input keeps its mask, and the mask arguments Keras fills are relaid with it: before,
-    random plans dropped MultiHeadAttention's query mask (another model: 0.79 off) or met the mask's
-    old layout inside the layer (DTensor failed the first step)."""
+    """A relaid input keeps its mask, the mask arguments Keras fills are relaid with it, and what a
+    call does to its input's mask is done to the model's tensor: before, random plans dropped
+    MultiHeadAttention's query mask (another model: 0.79 off), or left the mask it clears on the
+    tensor the Multiply reads (1.7 off), or met the mask's old layout inside the layer (DTensor
+    failed the first step)."""
     _classifies_as_on_one_device(_masked_reader, _masked_tokens, strategy, seed)
+
+
+def test_a_mask_the_attention_clears_is_cleared_for_the_other_readers_of_its_input():
+    """The embedding split by length and the attention by samples: the attention's query is relaid
+    (a new tensor), and the mask it clears must be cleared on the embedding's output too, which the
+    Rescaling and Multiply read next (on one device the Multiply sees one mask, not two)."""
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    run = _fit(_masked_reader, _masked_tokens, loss, "data", overrides={"embed": {"length": "y"}})
+    assert dict(keras_lwp.strategy_of(run[2])["attend"]) == {"sample": "x"}
+    _assert_same(_fit(_masked_reader, _masked_tokens, loss), run)
 
 
 # -- relayouts DTensor gets wrong, and random plans ---------------------------------------------------

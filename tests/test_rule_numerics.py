@@ -75,6 +75,7 @@ class Case:
 TRAINING = (("training", True),)
 SEED = 3  # random layers: one seed for every copy, see the module docstring
 IMAGE, SEQUENCE, FLAT = (N, S, S, C), (N, S, C), (N, C)
+VOLUME = (N, 4, 4, 4, 4)  # 3-D layers: smaller, every dimension still divided by any mesh axis
 
 class TransformerBlock(keras.layers.Layer):
     """A layer made of layers with no rule of its own (keras_lwp.layers.composite): attention and a
@@ -160,6 +161,31 @@ CASES = {
     "SeparableConv2D": Case(P(L.SeparableConv2D, C, 3, padding="same"), (IMAGE,)),
     "Conv1DTranspose": Case(P(L.Conv1DTranspose, C, 3, strides=2, padding="same"), (SEQUENCE,)),
     "Conv2DTranspose": Case(P(L.Conv2DTranspose, C, 3, strides=2, padding="same"), (IMAGE,)),
+    # Layers split by samples only (PerSampleRule), and the 3-D kin of the 1-D/2-D ones.
+    "GroupNormalization": Case(P(L.GroupNormalization, groups=2), (IMAGE,)),
+    "UnitNormalization": Case(P(L.UnitNormalization), (SEQUENCE,)),
+    "Masking": Case(P(L.Masking, 0.0), (SEQUENCE,)),
+    "Attention": Case(P(L.Attention, use_scale=True), (SEQUENCE,) * 2, call="list"),
+    "AdditiveAttention": Case(P(L.AdditiveAttention), (SEQUENCE,) * 3, call="list"),
+    "Dot": Case(P(L.Dot, axes=-1), (SEQUENCE,) * 2, call="list"),
+    "Conv3D": Case(P(L.Conv3D, 4, 3, padding="same"), (VOLUME,)),
+    "Conv3DTranspose": Case(P(L.Conv3DTranspose, 2, 3, strides=2, padding="same"), (VOLUME,)),
+    "MaxPooling3D": Case(P(L.MaxPooling3D, 2), (VOLUME,)),
+    "AveragePooling3D": Case(P(L.AveragePooling3D, 2), (VOLUME,)),
+    "GlobalAveragePooling3D": Case(P(L.GlobalAveragePooling3D), (VOLUME,)),
+    "GlobalMaxPooling3D": Case(P(L.GlobalMaxPooling3D), (VOLUME,)),
+    "ZeroPadding3D": Case(P(L.ZeroPadding3D, 1), (VOLUME,)),
+    "Cropping3D": Case(P(L.Cropping3D, 1), (VOLUME,)),
+    "UpSampling3D": Case(P(L.UpSampling3D, 2), (VOLUME,)),
+    "SpatialDropout3D": Case(P(L.SpatialDropout3D, 0.1, seed=SEED), (VOLUME,), kwargs=TRAINING),
+    "Resizing": Case(P(L.Resizing, 5, 5), (IMAGE,)),
+    "CenterCrop": Case(P(L.CenterCrop, 4, 6), (IMAGE,)),
+    "AdaptiveAveragePooling1D": Case(P(L.AdaptiveAveragePooling1D, 4), (SEQUENCE,)),
+    "AdaptiveAveragePooling2D": Case(P(L.AdaptiveAveragePooling2D, (2, 2)), (IMAGE,)),
+    "AdaptiveAveragePooling3D": Case(P(L.AdaptiveAveragePooling3D, 2), (VOLUME,)),
+    "AdaptiveMaxPooling1D": Case(P(L.AdaptiveMaxPooling1D, 4), (SEQUENCE,)),
+    "AdaptiveMaxPooling2D": Case(P(L.AdaptiveMaxPooling2D, (2, 2)), (IMAGE,)),
+    "AdaptiveMaxPooling3D": Case(P(L.AdaptiveMaxPooling3D, 2), (VOLUME,)),
     # keras.applications' own pointwise layers (EfficientNet, ConvNeXt, InceptionResNetV2).
     "Normalization": Case(P(L.Normalization, mean=0.5, variance=2.0), (IMAGE,)),
     "LayerScale": Case(lambda name=None: _applications_layer("convnext", "LayerScale")(0.5, C, name=name), (IMAGE,)),

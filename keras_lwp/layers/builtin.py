@@ -53,7 +53,7 @@ def _forward_backward_inputs(call, rank, axis):
 @register_rule(
     "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Dropout", "GaussianNoise", "GaussianDropout",
     "AlphaDropout", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Rescaling",
-    "Identity", "ActivityRegularization", "SpatialDropout1D", "SpatialDropout2D",
+    "Identity", "ActivityRegularization", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
     # keras.applications' pointwise layers: Normalization (x - mean) / sqrt(var), ConvNeXt's LayerScale
     # x * gamma, InceptionResNetV2's CustomScaleLayer x + y * scale; their per-channel weights stay whole.
     "Normalization", "LayerScale", "CustomScaleLayer",
@@ -97,6 +97,12 @@ class _ReducingRule(ElementwiseRule):
 @register_rule("Softmax", "Concatenate")
 class AxisRule(_ReducingRule):
     """Softmax normalizes along `axis`; Concatenate joins along it."""
+
+
+@register_rule("UnitNormalization", "Masking")
+class UnitNormalizationRule(_ReducingRule):
+    """UnitNormalization divides by the norm over its axes; Masking masks the positions whose every
+    channel (the last axis) equals its mask value: those axes stay whole."""
 
 
 @register_rule("LayerNormalization")
@@ -272,14 +278,37 @@ class SampleOnlyRule(LayerRule):
 
     def dimensions(self, info):
         y = info.output
-        return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=tuple(0 for _ in info.inputs), weights=())]
+        return [DimSpec(name="sample", size=y.shape[0], output=0, inputs=tuple(0 for _ in info.inputs),
+                        weights=tuple(None for _ in info.weights))]
 
     def forward_flops(self, info, call):
         return 0.0
 
 
-@register_rule("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-               "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D", "UpSampling1D", "UpSampling2D")
+@register_rule("GroupNormalization", "Attention", "AdditiveAttention", "Dot", "Conv3D", "Conv3DTranspose",
+               "MaxPooling3D", "AveragePooling3D", "Resizing", "CenterCrop",
+               "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
+               "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D")
+class PerSampleRule(SampleOnlyRule):
+    """Keras layers that compute each sample apart, run by their own call split by samples (weights
+    whole, their gradients all-reduced). Each ran equal to one device so inside a block
+    (benchmarks/check_ops), and its rule numerics test checks every configuration; with no rule they
+    ran whole on every device, and a data-parallel plan gathered the batch before them."""
+
+    def forward_flops(self, info, call):
+        y = call.outputs[0]
+        kernels = sum(math.prod(w.shape) for w in info.weights if len(w.shape) >= 3)
+        if kernels:  # a convolution: every kernel entry at every output position
+            return 2.0 * math.prod(y.shape[:-1]) * kernels
+        if info.class_name in ("Attention", "AdditiveAttention", "Dot") and len(call.inputs[0].shape) == 3:
+            (batch, queries, width), values = call.inputs[0].shape, call.inputs[1].shape[1]
+            return 4.0 * batch * queries * values * width  # scores and the weighted sum
+        return 5.0 * float(sum(math.prod(t.shape) for t in (*call.inputs, *call.outputs)))
+
+
+@register_rule("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D",
+               "GlobalMaxPooling2D", "GlobalMaxPooling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
+               "Cropping1D", "Cropping2D", "Cropping3D", "UpSampling1D", "UpSampling2D", "UpSampling3D")
 class SampleChannelRule(LayerRule):
     """Layers that change the spatial axes but keep sample and channel."""
 

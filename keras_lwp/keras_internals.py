@@ -58,6 +58,8 @@ INTERNALS = (
      "a tensor's mask (an attribute, or for an eager tensor an entry of a global table)"),
     ("keras.src.backend.common.masking", "set_keras_mask", "attribute", "wrapping.py",
      "a relaid tensor carries the mask of the tensor it was relaid from"),
+    ("keras.src.backend", "rnn", "attribute", "layers/recurrent.py",
+     "recurrent layers call backend.rnn by attribute: a masked backwards one runs forwards over reversed inputs"),
     ("keras.src.backend.tensorflow.nn", "_get_logits", "attribute", "wrapping.py",
      "cross-entropies read `_keras_logits` or the Softmax/Sigmoid op under the output: kept across relayouts"),
     ("keras.src.backend.tensorflow.nn", "conv", "attribute", "op_rewrites.py",
@@ -115,6 +117,11 @@ def check():
         if "_keras_logits" not in inspect.getsource(nn._get_logits):
             missing.append(("keras.src.backend.tensorflow.nn", "_get_logits", "wrapping.py",
                             "the logits kept across relayouts", "it no longer reads _keras_logits"))
+        from keras.src.layers.rnn import rnn
+
+        if "backend.rnn(" not in inspect.getsource(rnn.RNN.inner_loop):
+            missing.append(("keras.src.layers.rnn.rnn", "RNN.inner_loop", "layers/recurrent.py",
+                            "masked backwards recurrences run in order", "it no longer calls backend.rnn by attribute"))
         from keras.src import ops
 
         # Each backend function op_rewrites swaps: keras.ops must call it by attribute, or the swap is unseen.
@@ -216,6 +223,13 @@ def concrete_noise_shape(inputs, noise_shape):
     from keras.src import backend
 
     return backend.random._get_concrete_noise_shape(inputs, noise_shape)
+
+
+def backend_module():
+    """keras.src.backend, whose functions Keras' layers call by attribute (backend.rnn)."""
+    from keras.src import backend
+
+    return backend
 
 
 def random_module():

@@ -44,6 +44,16 @@ def bidirectional():
     return keras.Model(inputs, L.Dense(4, name="head")(x))
 
 
+def masked_bidirectional():
+    """Token ids with padding (id 0) anywhere in the sequence, not only at its end: Bidirectional's
+    backward layer zeroes its masked outputs, which Keras' unrolled loop did at the wrong steps."""
+    inputs = keras.Input((LENGTH,), dtype="int32", name="tokens")
+    x = L.Embedding(5, 6, mask_zero=True, name="embed")(inputs)
+    x = L.Bidirectional(L.GRU(4, return_sequences=True), name="bi")(x)
+    x = L.Flatten(name="flat")(x)  # every step's output, the zeroed ones too
+    return keras.Model(inputs, L.Dense(3, name="head")(x))
+
+
 def conv_lstm():
     inputs = keras.Input((3, 6, 6, 2), name="frames")
     x = L.ConvLSTM2D(4, 3, padding="same", name="convlstm")(inputs)
@@ -51,7 +61,8 @@ def conv_lstm():
     return keras.Model(inputs, L.Dense(3, name="head")(x))
 
 
-MODELS = {"lstm": lstm, "stacked": stacked, "bidirectional": bidirectional, "conv_lstm": conv_lstm}
+MODELS = {"lstm": lstm, "stacked": stacked, "bidirectional": bidirectional, "conv_lstm": conv_lstm,
+          "masked_bidirectional": masked_bidirectional}
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +75,8 @@ def run(model_name, strategy=None):
         keras.utils.set_random_seed(4)
         model = MODELS[model_name]()
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((2 * BATCH,) + tuple(model.inputs[0].shape[1:]))
+        shape = (2 * BATCH,) + tuple(model.inputs[0].shape[1:])
+        x = rng.integers(0, 5, shape) if "int" in str(model.inputs[0].dtype) else rng.standard_normal(shape)
         y = rng.integers(0, model.outputs[0].shape[-1], 2 * BATCH)
         if strategy is not None:
             if strategy == "random":
@@ -81,7 +93,7 @@ def run(model_name, strategy=None):
 # Every model under a random plan (which mixes the rules' splits); the plain LSTM also under "auto"
 # (test_input_shapes_fix_an_open_sequence_length trains it under "data").
 CASES = [("lstm", "auto"), ("lstm", "random"), ("stacked", "random"),
-         ("conv_lstm", "random"), ("bidirectional", "random")]
+         ("conv_lstm", "random"), ("bidirectional", "random"), ("masked_bidirectional", "data")]
 
 
 @pytest.mark.parametrize("model_name,strategy", CASES, ids=[f"{m}-{s}" for m, s in CASES])

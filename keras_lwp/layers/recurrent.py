@@ -7,8 +7,10 @@ TensorList ops (TensorListStack, ...) and a parallelized LSTM under `fit` crashe
 ordinary tensors, which DTensor shards along the batch; a backwards recurrence (go_backwards) then walks
 its time steps in reverse in Python, with no ReverseV2 (which DTensor cannot lay out). Bidirectional
 reverses its backward outputs with `ops.flip`: while it runs, that flip is a gather of the time steps in
-reverse order. The layers' own settings are restored after tracing, so the model's config and saved
-files do not change. The time steps must be known.
+reverse order. A masked backwards recurrence that zeroes its masked outputs (Bidirectional's) runs
+forwards over its reversed inputs and mask (`backwards_masks_in_order`), where Keras' unrolled loop
+zeroed the wrong steps. The layers' own settings are restored after tracing, so the model's config and
+saved files do not change. The time steps must be known.
 """
 
 import contextlib
@@ -63,6 +65,37 @@ def flips_by_gather():
         ops.flip = saved
 
 
+@contextlib.contextmanager
+def backwards_masks_in_order():
+    """While a recurrent layer's call is traced, a masked backwards recurrence that zeroes its masked
+    outputs (Bidirectional's backward layer) runs forwards over its inputs and mask reversed, which is
+    the same recurrence: Keras' unrolled loop zeroes the outputs, which come in reversed time order, by
+    the mask in input order (its while loop, which one device runs, by the reversed mask). Bidirectional
+    over a sequence masked in its middle trained 5e-3 away from one device."""
+    import tensorflow as tf
+
+    from keras_lwp import keras_internals
+
+    backend = keras_internals.backend_module()
+    saved = backend.rnn
+
+    def rnn(step_function, inputs, initial_states, go_backwards=False, mask=None, constants=None, unroll=False,
+            input_length=None, time_major=False, zero_output_for_mask=False, return_all_outputs=True):
+        if unroll and go_backwards and mask is not None and zero_output_for_mask:
+            time = 0 if time_major else 1
+            reverse = lambda t: tf.gather(t, tf.range(t.shape[time] - 1, -1, -1), axis=time)  # noqa: E731
+            inputs, mask, go_backwards = tf.nest.map_structure(reverse, inputs), reverse(mask), False
+        return saved(step_function, inputs, initial_states, go_backwards=go_backwards, mask=mask,
+                     constants=constants, unroll=unroll, input_length=input_length, time_major=time_major,
+                     zero_output_for_mask=zero_output_for_mask, return_all_outputs=return_all_outputs)
+
+    backend.rnn = rnn
+    try:
+        yield
+    finally:
+        backend.rnn = saved
+
+
 @register_rule("SimpleRNN", "LSTM", "GRU", "RNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "Bidirectional")
 class RecurrentRule(LayerRule):
     """The recurrence runs along time on every device; the samples split."""
@@ -86,7 +119,7 @@ class RecurrentRule(LayerRule):
 
     def implementation(self, info, config):
         def run(layer, place, mesh, *args, **kwargs):
-            with unrolled(layer), flips_by_gather():
+            with unrolled(layer), flips_by_gather(), backwards_masks_in_order():
                 return type(layer).call(layer, *args, **kwargs)
 
         return run

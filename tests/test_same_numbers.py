@@ -17,7 +17,7 @@ import keras_lwp
 from keras_lwp import MemoryLimitError, Strategy
 from keras_lwp.mesh import MeshSpec
 from keras_lwp.placement import to_host
-from tests import plan_fuzz, precision
+from tests import model_fuzz, plan_fuzz, precision
 
 pytestmark = pytest.mark.usefixtures("grappler_off")  # compile time: see conftest.without_grappler
 
@@ -212,6 +212,18 @@ def test_channel_split_activation_into_width_split_convolution():
                      "c2": {"sample": "x", "width": "y"}, "gap": {"sample": "x"}, "head": {"sample": "x"}},
                     MeshSpec(tuple(MESH.items())))
     _assert_same(_fit(_relu_then_conv, _images, loss), _fit(_relu_then_conv, _images, loss, plan))
+
+
+@pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("seed", [1, 4, 6])
+def test_random_models_under_random_plans(seed):
+    """A sample of benchmarks/fuzz_models.py: random models of Keras' layers (1: padded token ids
+    through GroupNormalization, a Multiply of masked tensors, a Bidirectional LSTM and an LSTM; 4: a
+    Bidirectional recurrence, a Lambda and self-attention; 6: padded ids through Attention and an LSTM)
+    trained under a random plan on the model's mesh (tests/model_fuzz.MESHES)."""
+    mesh = model_fuzz.MESHES[seed % len(model_fuzz.MESHES)]
+    error = model_fuzz.worst_error(model_fuzz.train(seed), model_fuzz.train(seed, mesh, plan_seed=seed))
+    assert error <= 1e-9, f"random model {seed} under random plan {seed} on {mesh}: {error:.1e} off one device"
 
 
 @pytest.mark.parametrize("model_name, seed", [("residual_cnn", 21), ("branch_cnn", 22), ("mobile_cnn", 23)])

@@ -1,0 +1,212 @@
+"""Model fuzzing: random functional models of Keras' layers, trained in float64 under random plans
+against the single-device model. Shared by tests/test_same_numbers.py (a sample) and
+benchmarks/fuzz_models.py (hundreds).
+
+A model is an input (an image, a sequence, a vector, token ids with or without padding masks, or a
+volume), three to seven random layers that fit the tensor in hand (every so often two of them side by
+side, joined by a merge layer), and a pooled or flattened head of five classes, read as logits, under
+a softmax or by a squared error. The layers are Keras' own: convolutions of every rank and kind,
+recurrences, attention, normalizations, pooling, resizing, reshapes, merges, masks and the layers
+keras_lwp has no rule for (a Lambda), so plans meet masks, relayouts and fallbacks nobody wrote down.
+"""
+
+import keras
+import numpy as np
+
+import keras_lwp
+from keras_lwp.placement import to_host
+from keras_lwp.planner import random_strategy
+from tests import precision
+
+L = keras.layers
+BATCH, STEPS, CLASSES, VOCABULARY = 8, 2, 5, 20
+MESHES = ({"x": 2, "y": 2, "z": 2}, {"x": 4, "y": 2}, {"x": 8})
+INPUTS = {"image": (8, 8, 3), "sequence": (8, 4), "vector": (12,), "tokens": (8,), "volume": (4, 4, 4, 2)}
+
+
+def _any_rank(rng, x, name, width):
+    return [
+        lambda: L.Activation(str(rng.choice(["relu", "tanh", "gelu", "sigmoid", "softplus", "swish"])), name=name)(x),
+        lambda: L.LayerNormalization(name=name)(x),
+        lambda: L.BatchNormalization(name=name)(x),
+        lambda: L.Dense(width, activation=str(rng.choice(["linear", "relu"])), name=name)(x),
+        lambda: L.Dense(width, use_bias=False, name=name)(x),
+        lambda: L.Dropout(0.0, name=name)(x),
+        lambda: L.LeakyReLU(name=name)(x),
+        lambda: L.PReLU(name=name)(x),
+        lambda: L.ELU(name=name)(x),
+        lambda: L.Softmax(name=name)(x),
+        lambda: L.UnitNormalization(name=name)(x),
+        lambda: L.Rescaling(0.5, 0.1, name=name)(x),
+    ]
+
+
+def _sequence(rng, x, name, width):
+    steps, channels = x.shape[1], x.shape[2]
+    return [
+        lambda: L.Conv1D(width, int(rng.choice([1, 2, 3])), padding=str(rng.choice(["same", "causal", "valid"])),
+                         name=name)(x),
+        lambda: L.Conv1D(width, 3, padding="same", dilation_rate=2, name=name)(x),
+        lambda: L.Conv1D(width, 3, strides=2, padding="same", name=name)(x),
+        lambda: L.SeparableConv1D(width, 3, padding="same", name=name)(x),
+        lambda: L.DepthwiseConv1D(3, padding="same", name=name)(x),
+        lambda: L.Conv1DTranspose(width, 3, strides=2, padding="same", name=name)(x) if steps <= 8 else None,
+        lambda: L.LSTM(width, return_sequences=True, name=name)(x),
+        lambda: L.LSTM(width, return_sequences=True, go_backwards=True, name=name)(x),
+        lambda: L.GRU(width, return_sequences=True, name=name)(x),
+        lambda: L.SimpleRNN(width, return_sequences=True, name=name)(x),
+        lambda: L.Bidirectional(L.GRU(width, return_sequences=True), name=name)(x),
+        lambda: L.Bidirectional(L.LSTM(width, return_sequences=True),
+                                merge_mode=str(rng.choice(["concat", "sum", "mul"])), name=name)(x),
+        lambda: L.MaxPooling1D(2, padding="same", name=name)(x),
+        lambda: L.AveragePooling1D(2, padding="same", name=name)(x),
+        lambda: L.GlobalAveragePooling1D(keepdims=True, name=name)(x),
+        lambda: L.UpSampling1D(2, name=name)(x) if steps <= 8 else None,
+        lambda: L.ZeroPadding1D(1, name=name)(x),
+        lambda: L.Cropping1D(1, name=name)(x) if steps > 3 else None,
+        lambda: L.MultiHeadAttention(2, 4, name=name)(x, x),
+        lambda: L.MultiHeadAttention(2, 4, name=name)(x, x, use_causal_mask=True),
+        lambda: L.Attention(name=name)([x, x]),
+        lambda: L.AdditiveAttention(name=name)([x, x]),
+        lambda: L.Dot(axes=(2, 2), name=name)([x, x]) if steps == channels else None,
+        lambda: L.GroupNormalization(2, name=name)(x) if channels % 2 == 0 else None,
+        lambda: L.Permute((2, 1), name=name)(x),
+        lambda: L.TimeDistributed(L.Dense(width), name=name)(x),
+        lambda: L.Reshape((steps * channels // 2, 2), name=name)(x) if (steps * channels) % 2 == 0 else None,
+        lambda: L.Masking(0.0, name=name)(x),
+        lambda: L.SpatialDropout1D(0.0, name=name)(x),
+        lambda: L.Lambda(lambda v: v * 2.0 + 1.0, name=name)(x),
+        lambda: L.ActivityRegularization(l1=0.01, name=name)(x),
+    ]
+
+
+def _image(rng, x, name, width):
+    size, channels = x.shape[1], x.shape[-1]
+    return [
+        lambda: L.Conv2D(width, int(rng.choice([1, 3])), padding=str(rng.choice(["same", "valid"])), name=name)(x)
+        if size >= 3 else None,
+        lambda: L.Conv2D(width, 3, strides=2, padding="same", name=name)(x),
+        lambda: L.Conv2D(width, 3, dilation_rate=2, padding="same", name=name)(x),
+        lambda: L.Conv2D(channels, 3, padding="same", groups=2, name=name)(x) if channels % 2 == 0 else None,
+        lambda: L.Conv2D(width, (1, 3), strides=(1, 2), name=name)(x) if x.shape[2] >= 3 else None,
+        lambda: L.SeparableConv2D(width, 3, padding="same", name=name)(x),
+        lambda: L.DepthwiseConv2D(3, padding="same", depth_multiplier=int(rng.choice([1, 2])), name=name)(x),
+        lambda: L.Conv2DTranspose(width, 3, strides=2, padding="same", name=name)(x) if size <= 8 else None,
+        lambda: L.MaxPooling2D(2, padding="same", name=name)(x),
+        lambda: L.MaxPooling2D(3, strides=1, padding="same", name=name)(x),
+        lambda: L.AveragePooling2D(2, padding="same", name=name)(x),
+        lambda: L.AdaptiveMaxPooling2D((2, 2), name=name)(x),
+        lambda: L.UpSampling2D(2, name=name)(x) if size <= 8 else None,
+        lambda: L.ZeroPadding2D(1, name=name)(x),
+        lambda: L.Cropping2D(1, name=name)(x) if size > 3 else None,
+        lambda: L.CenterCrop(size - 2, size - 2, name=name)(x) if size > 3 else None,
+        lambda: L.Resizing(6, 6, name=name)(x),
+        lambda: L.GroupNormalization(2, name=name)(x) if channels % 2 == 0 else None,
+        lambda: L.SpatialDropout2D(0.0, name=name)(x),
+        lambda: L.Permute((2, 1, 3), name=name)(x),
+        lambda: L.Reshape((size * x.shape[2], channels), name=name)(x),
+    ]
+
+
+def _volume(rng, x, name, width):
+    """(No 3-D pooling but the global one: TensorFlow has no float64 kernels for MaxPool3D and AvgPool3D.)"""
+    size, channels = x.shape[1], x.shape[-1]
+    return [
+        lambda: L.Conv3D(width, 3, padding="same", name=name)(x),
+        lambda: L.Conv3DTranspose(width, 3, strides=2, padding="same", name=name)(x) if size <= 4 else None,
+        lambda: L.UpSampling3D(2, name=name)(x) if size <= 4 else None,
+        lambda: L.ZeroPadding3D(1, name=name)(x),
+        lambda: L.Cropping3D(1, name=name)(x) if size > 3 else None,
+        lambda: L.GroupNormalization(2, name=name)(x) if channels % 2 == 0 else None,
+        lambda: L.SpatialDropout3D(0.0, name=name)(x),
+    ]
+
+
+def _vector(rng, x, name, width):
+    return [
+        lambda: L.RepeatVector(4, name=name)(x),
+        lambda: L.Reshape((x.shape[1] // 2, 2), name=name)(x) if x.shape[1] % 2 == 0 else None,
+    ]
+
+
+BY_RANK = {2: _vector, 3: _sequence, 4: _image, 5: _volume}
+
+
+def _random_layer(rng, x, name):
+    """One random layer applied to `x`, or None when twenty draws found none that fits it."""
+    width = int(rng.choice([4, 6, 8]))
+    builders = _any_rank(rng, x, name, width) + BY_RANK[len(x.shape)](rng, x, name, width)
+    for _ in range(20):
+        try:
+            y = builders[rng.integers(len(builders))]()
+        except ValueError:  # the layer refuses this shape (a kernel longer than the map, ...)
+            y = None
+        if y is not None:
+            return y
+    return None
+
+
+def random_model(seed):
+    """(model, input kind, head): head "logits", "softmax" or "squared"."""
+    rng = np.random.default_rng(seed)
+    kind = str(rng.choice(sorted(INPUTS)))
+    inputs = keras.Input(INPUTS[kind], dtype="int32" if kind == "tokens" else None, name="in")
+    x = inputs
+    if kind == "tokens":
+        x = L.Embedding(VOCABULARY, 6, mask_zero=bool(rng.integers(2)), name="embed")(x)
+    for i in range(1, int(rng.integers(3, 8)) + 1):
+        if rng.random() < 0.25:  # two layers side by side, merged when their shapes agree
+            a, b = _random_layer(rng, x, f"l{i}a"), _random_layer(rng, x, f"l{i}b")
+            if a is not None and b is not None and tuple(a.shape) == tuple(b.shape):
+                merge = (L.Add, L.Multiply, L.Concatenate, L.Average, L.Maximum, L.Subtract)[rng.integers(6)]
+                x = merge(name=f"m{i}")([a, b])
+                continue
+            if a is not None:
+                x = a
+                continue
+        y = _random_layer(rng, x, f"l{i}")
+        x = x if y is None else y
+    rank = len(x.shape)
+    if rank == 5:
+        x = L.GlobalAveragePooling3D(name="pool")(x)
+    elif rank == 4:
+        x = (L.GlobalAveragePooling2D if rng.random() < 0.5 else L.Flatten)(name="pool")(x)
+    elif rank == 3:
+        x = (L.GlobalMaxPooling1D if rng.random() < 0.5 else L.Flatten)(name="pool")(x)
+    head = str(rng.choice(["logits", "softmax", "squared"]))
+    outputs = L.Dense(CLASSES, activation="softmax" if head == "softmax" else None, name="head")(x)
+    return keras.Model(inputs, outputs, name=f"fuzz{seed}"), kind, head
+
+
+def train(seed, mesh=None, plan_seed=None):
+    """(last loss, weights, predictions) after STEPS steps of SGD with momentum in float64: on one
+    device, or on `mesh` under the random plan drawn with `plan_seed` ("auto" when None)."""
+    with precision.float64():
+        keras.utils.set_random_seed(3)
+        model, kind, head = random_model(seed)
+        rng = np.random.default_rng(0)
+        shape = (BATCH * STEPS,) + INPUTS[kind]
+        x = rng.integers(0, VOCABULARY, shape).astype("int32") if kind == "tokens" else rng.standard_normal(shape)
+        y = rng.integers(0, CLASSES, BATCH * STEPS)
+        if mesh is not None:
+            plan = random_strategy(model, mesh, BATCH, seed=plan_seed) if plan_seed is not None else "auto"
+            keras_lwp.parallelize(model, keras_lwp.make_mesh(mesh), strategy=plan, batch_size=BATCH)
+        if head == "squared":
+            loss, y = "mse", keras.utils.to_categorical(y, CLASSES)
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=head == "logits")
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss)
+        history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        predictions = np.asarray(model.predict(x[:BATCH], batch_size=BATCH, verbose=0))
+        return history.history["loss"][-1], [np.asarray(to_host(v.value)) for v in model.weights], predictions
+
+
+def worst_error(reference, run):
+    """The largest of: the loss' difference, each weight's (relative to its scale, as plan_fuzz
+    measures it) and the predictions' (relative to their scale)."""
+    from tests.plan_fuzz import relative_error
+
+    scale = max(float(np.max(np.abs(reference[2]))), 1e-12)
+    return max(abs(run[0] - reference[0]) / max(abs(reference[0]), 1e-12),
+               relative_error(reference[:2], run[:2]),
+               float(np.max(np.abs(run[2] - reference[2]))) / scale)

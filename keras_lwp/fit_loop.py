@@ -135,8 +135,16 @@ def _step_function(model, step):
         with op_rewrites.ops_dtensor_runs():
             return step(*args)
 
+    def eager_step(*args):
+        # Run eagerly, a tensor a layer makes from nothing (a recurrence's zero initial state) is a host
+        # tensor, which DTensor ops refuse beside DTensors; on the mesh's default it is one, replicated.
+        from tensorflow.experimental import dtensor
+
+        with dtensor.default_mesh(model._keras_lwp.mesh):
+            return sharded_step(*args)
+
     # No reduce_retracing: a relaxed (None) batch dimension would hide whether the batch divides.
-    compiled = sharded_step if model.run_eagerly else tf.function(sharded_step)
+    compiled = eager_step if model.run_eagerly else tf.function(sharded_step)
 
     def run(*args):
         try:

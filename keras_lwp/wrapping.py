@@ -215,11 +215,11 @@ def relayout_output(tensor, spec, mesh):
     import tensorflow as tf
 
     relaid = placement.relayout(tensor, spec, mesh)
-    logits = getattr(tensor, "_keras_logits", None)
-    if logits is None and not tf.executing_eagerly() and getattr(tensor, "op", None) is not None \
-            and tensor.op.type in _LOGITS_OPS and len(tensor.op.inputs) == 1:
+    logits = getattr(tensor, "_keras_logits", None) if relaid is not tensor else None
+    if relaid is not tensor and logits is None and not tf.executing_eagerly() \
+            and getattr(tensor, "op", None) is not None and tensor.op.type in _LOGITS_OPS and len(tensor.op.inputs) == 1:
         logits = tensor.op.inputs[0]
-    if logits is not None and relaid is not tensor:
+    if logits is not None:
         try:
             relaid._keras_logits = placement.relayout(logits, spec, mesh)
         except AttributeError:  # an EagerTensor takes no attributes (run_eagerly): Keras reads none either

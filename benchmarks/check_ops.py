@@ -1,4 +1,5 @@
-"""Keras layers keras_lwp has no rule for, and keras.ops inside a user's layer, each in a small model
+"""Keras layers keras_lwp had no rule for (since 2026-12-08 most have one: builtin.PerSampleRule and
+kin), and keras.ops inside a user's layer, each in a small model
 trained under plans on a 4x2 mesh of 8 logical CPUs against one device, in float64 (float32 where
 TensorFlow has no float64 kernel).
 
@@ -26,7 +27,8 @@ flags.DEFINE_list("strategies", ["data", "random0"], "Plans: data, model, owt, a
 flags.DEFINE_string("case", None, "Run one case in this process (what the sweep's subprocesses do).")
 
 IMAGE, SEQUENCE, VOLUME = (8, 8, 4), (6, 4), (4, 4, 4, 2)
-# Keras layers with no keras_lwp rule (they run replicated, named in a warning): name -> (input, call).
+# Keras layers that had no keras_lwp rule (run replicated, named in a warning; most now split by
+# samples): name -> (input, call).
 LAYERS = {
     "AdaptiveAveragePooling2D": (IMAGE, "L.AdaptiveAveragePooling2D((2, 2))(x)"),
     "AdaptiveMaxPooling1D": (SEQUENCE, "L.AdaptiveMaxPooling1D(4)(x)"),

@@ -138,6 +138,13 @@ def test_json_round_trip_and_recosting_a_strategy():
     assert recosted.cost.total == pytest.approx(plan.cost.total)
 
 
+def test_a_strategy_written_by_hand_takes_any_form_of_mesh():
+    configs = {"dense": {"sample": "x"}}
+    meshes = [{"x": 4, "y": 2}, "4x2", "x=4,y=2", keras_lwp.MeshSpec((("x", 4), ("y", 2)))]
+    assert len({keras_lwp.Strategy(configs, mesh).mesh for mesh in meshes}) == 1
+    assert keras_lwp.Strategy(configs, {"axes": [["x", 4], ["y", 2]]}).mesh == keras_lwp.MeshSpec((("x", 4), ("y", 2)))
+
+
 def test_overrides_pin_layers_and_the_search_does_the_rest():
     model = models.small_cnn()
     free = keras_lwp.search(model, MESH, batch_size=32, space="full")

@@ -98,6 +98,22 @@ def _exact_relayout(tensor, spec, mesh, source=None):
     return _marked(tensor, spec)
 
 
+def pinned(tensor, spec, mesh):
+    """`tensor`, which keras_lwp's marks say is laid out as `spec` already, through an explicit relayout
+    to `spec`: no op fixes the layout of a tensor keras_lwp did not relay (a mask an operation of the
+    graph computed), and DTensor's propagation may choose another, which its readers laid out as the
+    plan says then meet inside a layer."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    if tf.executing_eagerly():  # an eager DTensor has one layout, which DTensor knows
+        return tensor
+    spec = fit_spec(spec, tuple(tensor.shape), mesh_spec_of(mesh))
+    moved = tf.cast(tensor, tf.int32) if tensor.dtype == tf.bool else tensor  # no boolean all-to-all
+    moved = dtensor.relayout(moved, layout(spec, mesh))
+    return _marked(tf.cast(moved, tf.bool) if tensor.dtype == tf.bool else moved, spec)
+
+
 def _marked(tensor, spec):
     """Record on a traced tensor the layout keras_lwp gave it (eager tensors carry their own)."""
     try:

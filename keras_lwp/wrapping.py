@@ -120,10 +120,13 @@ class _InputMasks:
 
 
 def _mask_laid_out(mask, tensor, spec, mesh):
-    """A mask over `tensor`'s leading axes laid out like them; any other mask whole on every device."""
+    """A mask over `tensor`'s leading axes laid out like them; any other mask whole on every device. Pinned
+    when it is there already: one mask read by layers laid out differently otherwise had its layout
+    chosen by DTensor's propagation, which then failed inside one of them."""
     rank = len(mask.shape)
-    leading = tuple(mask.shape) == tuple(tensor.shape)[:rank]
-    return placement.relayout(mask, tuple(spec)[:rank] if leading else (None,) * rank, mesh)
+    spec = tuple(spec)[:rank] if tuple(mask.shape) == tuple(tensor.shape)[:rank] else (None,) * rank
+    laid_out = placement.relayout(mask, spec, mesh)
+    return placement.pinned(mask, spec, mesh) if laid_out is mask else laid_out
 
 
 def _on_mesh(value, mesh):

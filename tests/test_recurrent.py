@@ -142,8 +142,7 @@ def test_input_shapes_fix_an_open_sequence_length():
             if parallel:
                 keras_lwp.parallelize(model, keras_lwp.make_mesh(MESH), strategy="data", batch_size=BATCH,
                                       input_shapes={"sequence": (LENGTH, 6)})
-            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      run_eagerly=eager)
+            model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
             model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
             runs.append([np.asarray(to_host(v.value)) for v in model.weights])
     for want, got in zip(*runs):

@@ -190,6 +190,26 @@ def test_a_mask_the_attention_clears_is_cleared_for_the_other_readers_of_its_inp
     _assert_same(_fit(_masked_reader, _masked_tokens, loss), run)
 
 
+def _masked_through_a_nested_model():
+    inputs = keras.Input((12,), dtype="int32", name="tokens")
+    x = L.Embedding(30, 16, mask_zero=True, name="embed")(inputs)
+    inner_inputs = keras.Input((12, 16))
+    inner = L.Attention(name="attend")([L.GroupNormalization(2, name="norm")(inner_inputs)] * 2)
+    x = keras.Model(inner_inputs, inner, name="block")(x)  # called with the embedding's mask
+    x = L.Bidirectional(L.GRU(4, return_sequences=True), merge_mode="sum", name="bi")(x)
+    return keras.Model(inputs, L.Dense(6, name="classes")(L.GlobalAveragePooling1D(name="average")(x)))
+
+
+def test_a_mask_read_by_layers_laid_out_differently_is_pinned_for_each():
+    """The mask a nested model is called with reaches its layers, the Bidirectional split by samples
+    and the average run whole: keras_lwp's marks said it was whole already, so no op fixed its layout,
+    and DTensor's propagation split it for the average's sum (DTensor failed the first step)."""
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # noqa: E731
+    plan = Strategy({"bi": {"sample": "x"}}, MESH)
+    _assert_same(_fit(_masked_through_a_nested_model, _masked_tokens, loss),
+                 _fit(_masked_through_a_nested_model, _masked_tokens, loss, plan))
+
+
 # -- relayouts DTensor gets wrong, and random plans ---------------------------------------------------
 
 def _relu_then_conv():

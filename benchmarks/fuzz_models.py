@@ -3,6 +3,7 @@ steps in float64 on one device, then on 8 logical CPUs (meshes 2x2x2, 4x2 and 8 
 plan and under "auto", against it.
 
     python -m benchmarks.fuzz_models --models 100
+    python -m benchmarks.fuzz_models --models 100 --family graph    # several inputs, nested models, outputs
 
 prints each run's worst error (loss, weights, predictions; relative) and how many matched to 1e-9
 (goal: all). A model that fails on one device too is skipped and counted apart. A sample runs in the
@@ -20,6 +21,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("models", 100, "Random models.")
 flags.DEFINE_integer("first_seed", 0, "Seed of the first model.")
 flags.DEFINE_float("tolerance", 1e-9, "Largest relative error that counts as equal.")
+flags.DEFINE_enum("family", "chain", ["chain", "graph"], "Models of one input and a chain of layers "
+                  "(model_fuzz.random_model), or of several inputs, nested models, a shared layer and several "
+                  "outputs (model_fuzz.random_graph_model).")
 
 
 def main(argv):
@@ -31,23 +35,27 @@ def main(argv):
     import keras_lwp
 
     keras_lwp.use_virtual_devices(8)
+    import keras
+
     from tests import model_fuzz
 
+    build, train = ((model_fuzz.random_model, model_fuzz.train) if FLAGS.family == "chain"
+                    else (model_fuzz.random_graph_model, model_fuzz.train_graph))
     warnings.simplefilter("ignore")  # the layers with no rule, named once per model: not what is measured
     matched = total = skipped = 0
     for seed in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.models):
         try:
-            reference = model_fuzz.train(seed)
+            reference = train(seed)
         except Exception as exc:  # a model Keras cannot train on one device: not keras_lwp's to match
             skipped += 1
             print(f"model {seed:4d}: fails on one device too ({type(exc).__name__}), skipped", flush=True)
             continue
         mesh = model_fuzz.MESHES[seed % len(model_fuzz.MESHES)]
-        layers = " ".join(type(layer).__name__ for layer in model_fuzz.random_model(seed)[0].layers[1:])
+        layers = " ".join(type(layer).__name__ for layer in build(seed)[0].layers if not isinstance(layer, keras.layers.InputLayer))
         for plan_seed in (seed, None):
             plan = f"random{seed}" if plan_seed is not None else "auto"
             try:
-                error = model_fuzz.worst_error(reference, model_fuzz.train(seed, mesh, plan_seed))
+                error = model_fuzz.worst_error(reference, train(seed, mesh, plan_seed))
                 verdict = "ok" if error <= FLAGS.tolerance else "DIFFERS"
                 print(f"model {seed:4d} {plan:>10s} on {'x'.join(str(s) for s in mesh.values()):5s}: worst error "
                       f"{error:.1e}  {verdict}  [{layers}]", flush=True)

@@ -2,12 +2,18 @@
 against the single-device model. Shared by tests/test_same_numbers.py (a sample) and
 benchmarks/fuzz_models.py (hundreds).
 
-A model is an input (an image, a sequence, a vector, token ids with or without padding masks, or a
-volume), three to seven random layers that fit the tensor in hand (every so often two of them side by
-side, joined by a merge layer), and a pooled or flattened head of five classes, read as logits, under
-a softmax or by a squared error. The layers are Keras' own: convolutions of every rank and kind,
-recurrences, attention, normalizations, pooling, resizing, reshapes, merges, masks and the layers
-keras_lwp has no rule for (a Lambda), so plans meet masks, relayouts and fallbacks nobody wrote down.
+Two families. A "chain" model (`random_model`) is an input (an image, a sequence, a vector, token ids
+with or without padding masks, or a volume), three to seven random layers that fit the tensor in hand
+(every so often two of them side by side, joined by a merge layer), and a pooled or flattened head of
+five classes, read as logits, under a softmax or by a squared error. The layers are Keras' own:
+convolutions of every rank and kind, recurrences, attention, normalizations, pooling, resizing,
+reshapes, merges, masks and the layers keras_lwp has no rule for (a Lambda), so plans meet masks,
+relayouts and fallbacks nobody wrote down.
+
+A "graph" model (`random_graph_model`) is built the way users compose models: one to three inputs of
+different kinds, trunks of those layers with a functional model or a Sequential nested in them, a
+layer shared by two calls, and one to three named outputs (classes, a regression, a sequence), each
+with its own loss and weight, trained by SGD with momentum or by Adam.
 """
 
 import keras
@@ -178,6 +184,88 @@ def random_model(seed):
     return keras.Model(inputs, outputs, name=f"fuzz{seed}"), kind, head
 
 
+def _trunk(rng, x, prefix, layers):
+    """`layers` random layers after `x` (fewer where none fits)."""
+    for i in range(layers):
+        y = _random_layer(rng, x, f"{prefix}{i}")
+        x = x if y is None else y
+    return x
+
+
+def _nested(rng, x, prefix):
+    """`x` through a model nested in the model: functional (two random layers) or a Sequential."""
+    if rng.random() < 0.5:
+        inner = keras.Input(x.shape[1:], dtype=x.dtype)
+        return keras.Model(inner, _trunk(rng, inner, f"{prefix}_", 2), name=prefix)(x)
+    width = int(rng.choice([4, 6]))
+    return keras.Sequential([L.Dense(width, activation="relu", name=f"{prefix}_a"),
+                             L.LayerNormalization(name=f"{prefix}_b")], name=prefix)(x)
+
+
+def _pooled(x, name):
+    """`x` as a (batch, features) tensor."""
+    if len(x.shape) == 5:
+        return L.GlobalAveragePooling3D(name=name)(x)
+    if len(x.shape) == 4:
+        return L.GlobalAveragePooling2D(name=name)(x)
+    if len(x.shape) == 3:
+        return L.GlobalAveragePooling1D(name=name)(x)
+    return x
+
+
+def random_graph_model(seed):
+    """(model, {input name: kind}, {output name: head}): head "logits", "squared" or "tagged" (a
+    per-position classification of the first sequence input, logits)."""
+    rng = np.random.default_rng(seed)
+    kinds = [str(k) for k in rng.choice(sorted(INPUTS), size=int(rng.integers(1, 4)), replace=False)]
+    inputs, features, sequences = {}, [], []
+    for n, kind in enumerate(kinds):
+        name = f"in_{kind}"
+        inputs[name] = x = keras.Input(INPUTS[kind], dtype="int32" if kind == "tokens" else None, name=name)
+        if kind == "tokens":
+            x = L.Embedding(VOCABULARY, 6, mask_zero=bool(rng.integers(2)), name=f"embed{n}")(x)
+        x = _trunk(rng, x, f"t{n}_", int(rng.integers(1, 3)))
+        if rng.random() < 0.6:
+            x = _nested(rng, x, f"nested{n}")
+        x = _trunk(rng, x, f"u{n}_", int(rng.integers(0, 2)))
+        if len(x.shape) == 3 and not sequences:
+            sequences.append(x)
+        features.append(L.Dense(6, activation="tanh", name=f"proj{n}")(_pooled(x, f"pool{n}")))
+    if len(features) > 1 and rng.random() < 0.5:  # one layer, two calls
+        shared = L.Dense(6, name="shared")
+        features[:2] = [shared(features[0]), shared(features[1])]
+    x = features[0] if len(features) == 1 else L.Concatenate(name="join")(features)
+    heads = {"classes": "logits", "value": "squared"}
+    if sequences and rng.random() < 0.5:
+        heads["tags"] = "tagged"
+    if rng.random() < 0.3:
+        del heads[str(rng.choice(["classes", "value"]))]
+    outputs = {}
+    for name, head in heads.items():
+        if head == "logits":
+            outputs[name] = L.Dense(CLASSES, name=name)(x)
+        elif head == "squared":
+            outputs[name] = L.Dense(2, name=name)(L.Dense(4, activation="relu", name=f"{name}_hidden")(x))
+        else:
+            outputs[name] = L.Dense(CLASSES, name=name)(sequences[0])
+    return keras.Model(inputs, outputs, name=f"graph{seed}"), dict(zip(inputs, kinds)), heads
+
+
+def _inputs(rng, kind, count):
+    shape = (count,) + INPUTS[kind]
+    return rng.integers(0, VOCABULARY, shape).astype("int32") if kind == "tokens" else rng.standard_normal(shape)
+
+
+def _parallelize(model, mesh, plan_seed):
+    if mesh is not None:
+        plan = random_strategy(model, mesh, BATCH, seed=plan_seed) if plan_seed is not None else "auto"
+        keras_lwp.parallelize(model, keras_lwp.make_mesh(mesh), strategy=plan, batch_size=BATCH)
+
+
+def _weights(model):
+    return [np.asarray(to_host(v.value)) for v in model.weights]
+
+
 def train(seed, mesh=None, plan_seed=None):
     """(last loss, weights, predictions) after STEPS steps of SGD with momentum in float64: on one
     device, or on `mesh` under the random plan drawn with `plan_seed` ("auto" when None)."""
@@ -185,12 +273,9 @@ def train(seed, mesh=None, plan_seed=None):
         keras.utils.set_random_seed(3)
         model, kind, head = random_model(seed)
         rng = np.random.default_rng(0)
-        shape = (BATCH * STEPS,) + INPUTS[kind]
-        x = rng.integers(0, VOCABULARY, shape).astype("int32") if kind == "tokens" else rng.standard_normal(shape)
+        x = _inputs(rng, kind, BATCH * STEPS)
         y = rng.integers(0, CLASSES, BATCH * STEPS)
-        if mesh is not None:
-            plan = random_strategy(model, mesh, BATCH, seed=plan_seed) if plan_seed is not None else "auto"
-            keras_lwp.parallelize(model, keras_lwp.make_mesh(mesh), strategy=plan, batch_size=BATCH)
+        _parallelize(model, mesh, plan_seed)
         if head == "squared":
             loss, y = "mse", keras.utils.to_categorical(y, CLASSES)
         else:
@@ -198,7 +283,33 @@ def train(seed, mesh=None, plan_seed=None):
         model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss)
         history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         predictions = np.asarray(model.predict(x[:BATCH], batch_size=BATCH, verbose=0))
-        return history.history["loss"][-1], [np.asarray(to_host(v.value)) for v in model.weights], predictions
+        return history.history["loss"][-1], _weights(model), predictions
+
+
+def train_graph(seed, mesh=None, plan_seed=None):
+    """`train` for `random_graph_model(seed)`: every output's loss weighted, an accuracy metric on the
+    classes, SGD with momentum or Adam; the predictions are every output's, side by side."""
+    with precision.float64():
+        keras.utils.set_random_seed(3)
+        model, kinds, heads = random_graph_model(seed)
+        rng = np.random.default_rng(0)
+        count = BATCH * STEPS
+        x = {name: _inputs(rng, kind, count) for name, kind in kinds.items()}
+        shapes = {"classes": (count,), "value": (count, 2), "tags": (count, model.get_layer("tags").output.shape[1])
+                  if "tags" in heads else None}
+        y = {name: rng.standard_normal(shapes[name]) if head == "squared" else rng.integers(0, CLASSES, shapes[name])
+             for name, head in heads.items()}
+        _parallelize(model, mesh, plan_seed)
+        logits = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        losses = {name: "mse" if head == "squared" else logits for name, head in heads.items()}
+        weights = {name: w for name, w in zip(heads, (1.0, 0.5, 0.25))}
+        optimizer = (keras.optimizers.SGD(0.1, momentum=0.9) if seed % 2 else keras.optimizers.Adam(1e-2))
+        model.compile(optimizer, losses, loss_weights=weights,
+                      metrics={"classes": ["accuracy"]} if "classes" in heads else None)
+        history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        predicted = model.predict({name: v[:BATCH] for name, v in x.items()}, batch_size=BATCH, verbose=0)
+        predictions = np.concatenate([np.reshape(np.asarray(predicted[name]), (BATCH, -1)) for name in heads], 1)
+        return history.history["loss"][-1], _weights(model), predictions
 
 
 def worst_error(reference, run):

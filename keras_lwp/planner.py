@@ -318,12 +318,13 @@ def _batch_size(model, spec, batch_size):
 
 
 def _check_batch(graph, spec, batch_size):
-    if any(batch_size % size == 0 for _, size in spec.axes + spec.flattened().axes if size > 1):
+    candidates = list(dict.fromkeys(spec.axes + spec.flattened().axes))  # a one-axis mesh is its own flattening
+    if any(batch_size % size == 0 for _, size in candidates if size > 1):
         return
     if spec.size == 1:
         return
     first = graph.graph["inputs"][0]
-    axes = " nor ".join(f"'{name}' (size {size})" for name, size in spec.axes + spec.flattened().axes)
+    axes = " nor ".join(f"'{name}' (size {size})" for name, size in candidates)
     smallest = min(size for _, size in spec.axes)
     raise ValueError(
         f"batch_size={batch_size} cannot be split on any mesh axis: the 'sample' dimension of layer "

@@ -301,3 +301,11 @@ def test_sharing_entries_between_identical_layers_changes_no_plan(strategy, monk
     assert dict(shared) == dict(alone) and str(shared.mesh) == str(alone.mesh)
     assert shared.cost == alone.cost and shared.memory == alone.memory
     assert shared.layers == alone.layers
+
+
+@pytest.mark.parametrize("mesh, named", [({"x": 8}, "mesh axis 'x' (size 8). Use"),
+                                         ({"x": 4, "y": 2}, "'x' (size 4) nor 'y' (size 2) nor 'xy' (size 8)")])
+def test_an_indivisible_batch_names_each_axis_once(mesh, named):
+    with pytest.raises(ValueError, match="batch_size=7 cannot be split") as raised:
+        keras_lwp.search(models.mlp(), mesh, batch_size=7)
+    assert named in str(raised.value)

@@ -51,7 +51,8 @@ def main(argv):
             print(f"model {seed:4d}: fails on one device too ({type(exc).__name__}), skipped", flush=True)
             continue
         mesh = model_fuzz.MESHES[seed % len(model_fuzz.MESHES)]
-        layers = " ".join(type(layer).__name__ for layer in build(seed)[0].layers if not isinstance(layer, keras.layers.InputLayer))
+        layers = " ".join(type(node).__name__ for node in build(seed)[0].operations  # layers and keras.ops
+                          if not isinstance(node, keras.layers.InputLayer))
         for plan_seed in (seed, None):
             plan = f"random{seed}" if plan_seed is not None else "auto"
             try:

@@ -251,14 +251,15 @@ def test_random_models_under_random_plans(seed):
 @pytest.mark.filterwarnings("ignore::keras_lwp.layers.UnknownLayerWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("seed", [4, 29])
 def test_random_graph_models_under_random_plans(seed):
-    """A sample of `benchmarks/fuzz_models.py --family graph`: models of several inputs, nested models
-    and named outputs with their own losses and weights (4: padded token ids, a vector and a volume, a
-    functional model and a Sequential nested, classes, a regression and per-position tags under Adam;
-    29: a volume, padded token ids and an image, two nested functional models, one Dense called on two
-    branches, the same three outputs under SGD with momentum)."""
+    """A sample of `benchmarks/fuzz_models.py --family graph`: models of several inputs, nested models,
+    keras.ops and named outputs with their own losses, loss weights and sample weights, validated (4:
+    padded token ids, a vector and a volume, a Sequential and a functional model nested, one Dense
+    called on two branches, a keras.ops softmax, classes, a regression and per-position tags under
+    Adam; 29: a volume, padded token ids and an image, the same kinds of nesting and sharing, a
+    keras.ops reshape and sum, the same three outputs under SGD with momentum)."""
     mesh = model_fuzz.MESHES[seed % len(model_fuzz.MESHES)]
     error = model_fuzz.worst_error(model_fuzz.train_graph(seed), model_fuzz.train_graph(seed, mesh, plan_seed=seed))
-    assert error <= 1e-9, f"random graph model {seed} under random plan {seed} on {mesh}: {error:.1e} off one device"
+    assert error <= 1e-9, f"graph model {seed}, random plan {seed} on {mesh}: {error:.1e} off one device"
 
 
 @pytest.mark.parametrize("model_name, seed", [("residual_cnn", 21), ("branch_cnn", 22), ("mobile_cnn", 23)])

@@ -3,7 +3,7 @@ steps in float64 on one device, then on 8 logical CPUs (meshes 2x2x2, 4x2 and 8 
 plan and under "auto", against it.
 
     python -m benchmarks.fuzz_models --models 100
-    python -m benchmarks.fuzz_models --models 100 --family graph    # several inputs, nested models, outputs
+    python -m benchmarks.fuzz_models --models 100 --family graph    # inputs, keras.ops, nesting, outputs
 
 prints each run's worst error (loss, weights, predictions; relative) and how many matched to 1e-9
 (goal: all). A model that fails on one device too is skipped and counted apart. A sample runs in the
@@ -22,8 +22,8 @@ flags.DEFINE_integer("models", 100, "Random models.")
 flags.DEFINE_integer("first_seed", 0, "Seed of the first model.")
 flags.DEFINE_float("tolerance", 1e-9, "Largest relative error that counts as equal.")
 flags.DEFINE_enum("family", "chain", ["chain", "graph"], "Models of one input and a chain of layers "
-                  "(model_fuzz.random_model), or of several inputs, nested models, a shared layer and several "
-                  "outputs (model_fuzz.random_graph_model).")
+                  "(model_fuzz.random_model), or of several inputs, keras.ops, nested models, a shared layer and "
+                  "several outputs (model_fuzz.random_graph_model).")
 
 
 def main(argv):

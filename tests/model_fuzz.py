@@ -156,8 +156,8 @@ def _ops(rng, x):
 
 
 def _random_layer(rng, x, name, ops=False):
-    """One random layer applied to `x` (with `ops`, or keras.ops), or None when twenty draws found none
-    that fits it."""
+    """One random layer (with `ops`, possibly a keras.ops call) applied to `x`, or None when twenty
+    draws found none that fits it."""
     width = int(rng.choice([4, 6, 8]))
     builders = _any_rank(rng, x, name, width) + BY_RANK[len(x.shape)](rng, x, name, width)
     builders += _ops(rng, x) if ops else []
@@ -233,8 +233,8 @@ def _pooled(x, name):
 
 
 def random_graph_model(seed):
-    """(model, {input name: kind}, {output name: head}): head "logits", "squared" or "tagged" (a
-    per-position classification of the first sequence input, logits)."""
+    """(model, {input name: kind}, {output name: head}): head "logits", "squared" or "tagged" (logits
+    per position of the first trunk that ends as a sequence)."""
     rng = np.random.default_rng(seed)
     kinds = [str(k) for k in rng.choice(sorted(INPUTS), size=int(rng.integers(1, 4)), replace=False)]
     inputs, features, sequences = {}, [], []
